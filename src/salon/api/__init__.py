@@ -1,0 +1,1 @@
+"""The only HTTP layer: routes, authentication, validation, SSE encoding, error mapping."""

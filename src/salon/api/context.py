@@ -1,0 +1,26 @@
+"""What the routes reach: the services the composition root built."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import cast
+
+from starlette.requests import HTTPConnection
+
+from salon.accounts.service import AccountService
+from salon.chat.gateway import Gateway
+from salon.chat.service import ChatService
+
+
+@dataclass(frozen=True, slots=True)
+class Services:
+    accounts: AccountService
+    chat: ChatService
+    gateway: Gateway
+    max_body_bytes: int
+    secure_cookies: bool
+    session_days: int
+
+
+def services(request: HTTPConnection) -> Services:
+    return cast(Services, request.app.state.services)

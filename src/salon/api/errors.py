@@ -1,0 +1,55 @@
+"""Errors become responses here and only here, always in OpenAI's error shape."""
+
+from __future__ import annotations
+
+import logging
+
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+
+from salon.errors import SalonError
+
+log = logging.getLogger(__name__)
+
+TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    409: "conflict_error",
+    413: "invalid_request_error",
+    429: "rate_limit_error",
+}
+
+
+def error_body(status: int, message: str, code: str, param: str | None = None) -> dict[str, object]:
+    kind = TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error")
+    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
+
+
+def error_response(status: int, message: str, code: str, param: str | None = None) -> Response:
+    headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
+    return JSONResponse(error_body(status, message, code, param), status, headers=headers)
+
+
+async def salon_error(_request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, SalonError)
+    if exc.status >= 500:
+        log.warning("%s: %s", exc.code, exc.message)
+    return error_response(exc.status, exc.message, exc.code, exc.param)
+
+
+async def http_error(_request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HTTPException)
+    code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+    return error_response(exc.status_code, str(exc.detail), code)
+
+
+async def unexpected_error(_request: Request, exc: Exception) -> Response:
+    # The traceback goes to the log, never to the client.
+    log.exception("unhandled error", exc_info=exc)
+    return error_response(500, "internal error", "internal_error")
+
+
+HANDLERS = {SalonError: salon_error, HTTPException: http_error, Exception: unexpected_error}

@@ -1,0 +1,81 @@
+"""create_app(settings): the one composition root. Everything is built and wired here,
+in the lifespan, and torn down in reverse order."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+
+from starlette.applications import Starlette
+
+from salon import web
+from salon.accounts.service import AccountService
+from salon.api import accounts as account_routes
+from salon.api import conversations as conversation_routes
+from salon.api import openai as openai_routes
+from salon.api.context import Services
+from salon.api.errors import HANDLERS
+from salon.backends.registry import BackendRegistry
+from salon.chat.gateway import Gateway
+from salon.chat.jobs import JobRunner
+from salon.chat.service import ChatLimits, ChatService, utcnow
+from salon.settings import Settings
+from salon.store.accounts import AccountStore
+from salon.store.conversations import ConversationStore
+from salon.store.db import create_engine, migrate
+
+log = logging.getLogger(__name__)
+
+Progress = Callable[[str], None]
+
+
+@asynccontextmanager
+async def services(settings: Settings, progress: Progress | None = None) -> AsyncIterator[Services]:
+    """Build every service on a migrated store; tear them down in reverse order."""
+    engine = create_engine(settings.database)
+    await migrate(engine)
+    conversations = ConversationStore(engine)
+    interrupted = await conversations.mark_interrupted()
+    if interrupted:
+        log.info("%d generations were interrupted by the last shutdown", interrupted)
+    registry = BackendRegistry(settings, progress)
+    runner = JobRunner(conversations, settings.flush_interval_s, utcnow)
+    limits = ChatLimits(
+        max_message_chars=settings.max_message_chars,
+        context_max_chars=settings.context_max_chars,
+        system_prompt=settings.system_prompt,
+    )
+    try:
+        yield Services(
+            accounts=AccountService(
+                AccountStore(engine),
+                session_days=settings.session_days,
+                signup_default=settings.signup_open,
+            ),
+            chat=ChatService(conversations, registry, runner, limits),
+            gateway=Gateway(registry),
+            max_body_bytes=settings.max_body_bytes,
+            secure_cookies=settings.secure_cookies,
+            session_days=settings.session_days,
+        )
+    finally:
+        await runner.shutdown()
+        await registry.close()
+        await engine.dispose()
+
+
+def create_app(settings: Settings, progress: Progress | None = None) -> Starlette:
+    @asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        async with services(settings, progress) as built:
+            app.state.services = built
+            yield
+
+    routes = [
+        *account_routes.routes(),
+        *conversation_routes.routes(),
+        *openai_routes.routes(),
+        *web.routes(),
+    ]
+    return Starlette(routes=routes, exception_handlers=HANDLERS, lifespan=lifespan)

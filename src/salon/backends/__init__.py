@@ -1,0 +1,1 @@
+"""Text backends: one typed streaming seam (`base.TextBackend`) and its adapters."""

@@ -1,0 +1,66 @@
+"""The shipped test double for the text seam: deterministic, scripted by model name.
+
+- `echo`: replies "You said: <last user message>" word by word.
+- `slow`: streams "w1 w2 … wN" with a delay per word (N = max_tokens, default 400) —
+  long enough to stop, refresh or re-attach mid-stream; continuing an answer goes on
+  from the word after the last one.
+- `fail`: streams a few words, then fails as a backend dying mid-stream does.
+- `down`: fails before the first token, as an unreachable backend does.
+- `markdown`: a fixed reply with a heading, a list and a fenced code block.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncGenerator
+
+from salon.domain import CompletionRequest, Finished, FinishReason, StreamEvent, TextDelta, Usage
+from salon.errors import BackendUnavailable, UnknownModel
+
+MARKDOWN_REPLY = "## Result\n\nHere is a list:\n\n- one\n- two\n\n```python\nprint('hello')\n```\n"
+
+
+class FakeBackend:
+    def __init__(self, delay_s: float = 0.03) -> None:
+        self._delay_s = delay_s
+
+    async def stream(self, request: CompletionRequest) -> AsyncGenerator[StreamEvent, None]:
+        words, delay = self._script(request)
+        if request.model == "down":
+            raise BackendUnavailable("fake backend 'down' is unreachable")
+        limit = request.params.max_tokens
+        # Continuing an answer (the last message is the assistant's): go on after it.
+        continuing = bool(request.messages) and request.messages[-1].role == "assistant"
+        prompt_tokens = sum(len(m.content.split()) for m in request.messages)
+        produced = 0
+        for index, word in enumerate(words):
+            if limit is not None and produced >= limit:
+                yield Finished(FinishReason.LENGTH, Usage(prompt_tokens, produced))
+                return
+            if request.model == "fail" and index == 3:
+                raise BackendUnavailable("fake backend 'fail' died mid-stream")
+            if delay:
+                await asyncio.sleep(delay)
+            produced += 1
+            yield TextDelta(word if index == 0 and not continuing else " " + word)
+        yield Finished(FinishReason.STOP, Usage(prompt_tokens, produced))
+
+    def _script(self, request: CompletionRequest) -> tuple[list[str], float]:
+        model = request.model
+        if model in ("echo", "fail", "down"):
+            last_user = next(
+                (m.content for m in reversed(request.messages) if m.role == "user"), ""
+            )
+            words = ["You", "said:", *last_user.split()]
+            return (words if model == "echo" else [*words, "and", "more", "words"]), 0.0
+        if model == "slow":
+            count = request.params.max_tokens or 400
+            last = request.messages[-1] if request.messages else None
+            done = len(last.content.split()) if last and last.role == "assistant" else 0
+            return [f"w{i}" for i in range(done + 1, count + 1)], self._delay_s
+        if model == "markdown":
+            return MARKDOWN_REPLY.split(" "), 0.0
+        raise UnknownModel(f"the fake backend has no model {model!r}")
+
+    async def close(self) -> None:
+        return None

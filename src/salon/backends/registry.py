@@ -1,0 +1,93 @@
+"""Turns configured `provider:model` ids into backends. Several models can be active at
+once; each provider's backend is built once and shared by its models."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from salon.backends.base import TextBackend
+from salon.backends.fakes import FakeBackend
+from salon.backends.openai_http import OpenAIHttpBackend
+from salon.errors import ConfigError, UnknownModel
+from salon.settings import ProviderSettings, Settings
+
+Progress = Callable[[str], None]
+
+BUILT_IN = {
+    "embedded": ProviderSettings(kind="embedded"),
+    "fake": ProviderSettings(kind="fake"),
+}
+
+
+@dataclass(frozen=True, slots=True)
+class ModelRoute:
+    id: str  # provider:model, as configured
+    provider: str
+    name: str  # what the backend calls it
+    backend: TextBackend
+
+
+class BackendRegistry:
+    def __init__(self, settings: Settings, progress: Progress | None = None) -> None:
+        self._settings = settings
+        self._progress = progress
+        self._backends: dict[str, TextBackend] = {}
+        self._routes: dict[str, ModelRoute] = {}
+        for model_id in settings.models:
+            provider, _, name = model_id.partition(":")
+            self._routes[model_id] = ModelRoute(model_id, provider, name, self._backend(provider))
+
+    @property
+    def ids(self) -> list[str]:
+        return list(self._routes)
+
+    @property
+    def default(self) -> str:
+        return self._settings.default_model
+
+    def resolve(self, model_id: str | None) -> ModelRoute:
+        route = self._routes.get(model_id or self.default)
+        if route is None:
+            raise UnknownModel(
+                f"unknown model {model_id!r}; available: {', '.join(self._routes)}",
+                param="model",
+            )
+        return route
+
+    def _backend(self, provider: str) -> TextBackend:
+        if provider not in self._backends:
+            config = self._settings.providers.get(provider) or BUILT_IN.get(provider)
+            if config is None:
+                raise ConfigError(
+                    f"provider {provider!r} is not configured "
+                    f"(set SALON_PROVIDERS__{provider.upper()}__BASE_URL)"
+                )
+            self._backends[provider] = self._build(provider, config)
+        return self._backends[provider]
+
+    def _build(self, provider: str, config: ProviderSettings) -> TextBackend:
+        if config.kind == "fake":
+            return FakeBackend(config.fake_delay_s)
+        if config.kind == "embedded":
+            from salon.backends.embedded import EmbeddedBackend
+
+            return EmbeddedBackend(
+                self._settings.embedded, self._settings.model_cache_dir, self._progress
+            )
+        if not config.base_url:
+            raise ConfigError(f"provider {provider!r} needs a base_url")
+        key = config.api_key.get_secret_value() if config.api_key else None
+        return OpenAIHttpBackend(
+            config.base_url,
+            key,
+            connect_timeout_s=config.connect_timeout_s,
+            read_timeout_s=config.read_timeout_s,
+        )
+
+    def backends(self) -> dict[str, TextBackend]:
+        return dict(self._backends)
+
+    async def close(self) -> None:
+        for backend in self._backends.values():
+            await backend.close()

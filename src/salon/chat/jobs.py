@@ -1,0 +1,199 @@
+"""Generations as server-side jobs, independent of any HTTP connection.
+
+A job streams from a backend into memory and, batched, into the store. Any number of
+followers attach and detach without affecting it. Positions in a message are character
+offsets, so a follower that re-attaches with the offset it already has (SSE
+`Last-Event-ID`) gets exactly the rest: no duplicates, no gaps — whether the job is still
+in memory, has finished, or ran in a process that died (then the store has the text).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import bisect
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from datetime import datetime
+
+from salon.backends.registry import ModelRoute
+from salon.domain import CompletionRequest, MessageStatus, TextDelta, Usage
+from salon.errors import SalonError
+from salon.store.conversations import ConversationStore
+
+log = logging.getLogger(__name__)
+
+Clock = Callable[[], datetime]
+
+
+@dataclass(frozen=True, slots=True)
+class Delta:
+    offset: int  # length of the message text once this piece is appended
+    text: str
+
+
+@dataclass(frozen=True, slots=True)
+class Ended:
+    offset: int
+    status: MessageStatus
+    error: str | None
+    code: str | None
+
+
+JobEvent = Delta | Ended
+
+
+class GenerationJob:
+    def __init__(self, message_id: int, conversation_id: str, initial_text: str) -> None:
+        self.message_id = message_id
+        self.conversation_id = conversation_id
+        self._chunks: list[str] = [initial_text]
+        self._ends: list[int] = [len(initial_text)]
+        self._changed = asyncio.Event()
+        self.ended: Ended | None = None
+        self.usage: Usage | None = None
+        self.task: asyncio.Task[None] | None = None
+        # What a cancellation means: the user pressed stop, or the server is going down.
+        self.cancel_status = MessageStatus.STOPPED
+
+    @property
+    def length(self) -> int:
+        return self._ends[-1]
+
+    def text(self, start: int = 0) -> str:
+        index = bisect.bisect_right(self._ends, start)
+        if index >= len(self._chunks):
+            return ""
+        first_start = self._ends[index - 1] if index else 0
+        head = self._chunks[index][start - first_start :]
+        return head + "".join(self._chunks[index + 1 :])
+
+    def append(self, text: str) -> None:
+        self._chunks.append(text)
+        self._ends.append(self.length + len(text))
+        self._wake()
+
+    def end(self, status: MessageStatus, error: str | None = None, code: str | None = None) -> None:
+        self.ended = Ended(self.length, status, error, code)
+        self._wake()
+
+    def _wake(self) -> None:
+        changed, self._changed = self._changed, asyncio.Event()
+        changed.set()
+
+    async def follow(self, have: int) -> AsyncIterator[JobEvent]:
+        """Everything after offset `have`, then live events until the job ends. A slow
+        follower gets the text it missed coalesced into one delta, never a backlog."""
+        sent = have
+        while True:
+            changed = self._changed
+            if self.length > sent:
+                piece = self.text(sent)
+                sent += len(piece)
+                yield Delta(sent, piece)
+                continue
+            if self.ended is not None:
+                yield self.ended
+                return
+            await changed.wait()
+
+
+class JobRunner:
+    """Starts, tracks and stops generation jobs; owns their persistence."""
+
+    def __init__(self, store: ConversationStore, flush_interval_s: float, clock: Clock) -> None:
+        self._store = store
+        self._flush_interval_s = flush_interval_s
+        self._clock = clock
+        self._jobs: dict[int, GenerationJob] = {}
+
+    def get(self, message_id: int) -> GenerationJob | None:
+        return self._jobs.get(message_id)
+
+    def running_in(self, conversation_id: str) -> list[GenerationJob]:
+        return [j for j in self._jobs.values() if j.conversation_id == conversation_id]
+
+    def start(
+        self,
+        message_id: int,
+        conversation_id: str,
+        route: ModelRoute,
+        request: CompletionRequest,
+        initial_text: str = "",
+    ) -> GenerationJob:
+        job = GenerationJob(message_id, conversation_id, initial_text)
+        self._jobs[message_id] = job
+        job.task = asyncio.create_task(self._run(job, route, request), name=f"job-{message_id}")
+        return job
+
+    async def stop(self, message_id: int, status: MessageStatus = MessageStatus.STOPPED) -> bool:
+        job = self._jobs.get(message_id)
+        if job is None or job.task is None:
+            return False
+        job.cancel_status = status
+        job.task.cancel()
+        await asyncio.wait({job.task})
+        return True
+
+    async def shutdown(self) -> None:
+        """Whatever is still running when the process stops is kept, marked incomplete."""
+        for message_id in list(self._jobs):
+            await self.stop(message_id, MessageStatus.INCOMPLETE)
+
+    async def _run(self, job: GenerationJob, route: ModelRoute, request: CompletionRequest) -> None:
+        try:
+            usage = await self._generate(job, route, request)
+            await self._finish(job, MessageStatus.COMPLETE, usage=usage)
+        except asyncio.CancelledError:
+            await self._finish(job, job.cancel_status)
+        except SalonError as exc:
+            await self._finish(job, MessageStatus.ERROR, error=exc.message, code=exc.code)
+        except Exception:
+            log.exception("generation %s failed", job.message_id)
+            await self._finish(
+                job, MessageStatus.ERROR, error="internal error", code="internal_error"
+            )
+        finally:
+            self._jobs.pop(job.message_id, None)
+
+    async def _generate(
+        self, job: GenerationJob, route: ModelRoute, request: CompletionRequest
+    ) -> Usage | None:
+        last_flush = time.monotonic()
+        usage: Usage | None = None
+        async for event in route.backend.stream(request):
+            if isinstance(event, TextDelta):
+                job.append(event.text)
+                if time.monotonic() - last_flush >= self._flush_interval_s:
+                    last_flush = time.monotonic()
+                    await self._store.update_content(job.message_id, job.text(), self._clock())
+            else:
+                usage = event.usage
+        return usage
+
+    async def _finish(
+        self,
+        job: GenerationJob,
+        status: MessageStatus,
+        *,
+        usage: Usage | None = None,
+        error: str | None = None,
+        code: str | None = None,
+    ) -> None:
+        # Persist before announcing: a follower that re-attaches after the job is gone
+        # reads the final state from the store.
+        job.usage = usage
+        try:
+            await asyncio.shield(
+                self._store.finish(
+                    job.message_id,
+                    content=job.text(),
+                    status=status,
+                    error=error,
+                    usage=usage,
+                    now=self._clock(),
+                )
+            )
+        finally:
+            job.end(status, error, code)

@@ -1,0 +1,198 @@
+"""salon serve | migrate | models list|prepare | chat | users create | keys create."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import getpass
+import logging
+import sys
+from collections.abc import Sequence
+
+from salon import __version__
+from salon.app import create_app, services
+from salon.domain import ChatMessage, SamplingParams, TextDelta
+from salon.errors import SalonError
+from salon.settings import Settings
+from salon.store.db import create_engine, migrate
+
+
+def progress(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        settings = Settings()
+        result: int = args.run(settings, args)
+        return result
+    except SalonError as exc:
+        print(f"salon: {exc.message}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="salon", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"salon {__version__}")
+    commands = parser.add_subparsers(required=True, metavar="COMMAND")
+
+    serve = commands.add_parser("serve", help="run the web app and the API")
+    serve.add_argument("--host")
+    serve.add_argument("--port", type=int)
+    serve.set_defaults(run=_serve)
+
+    commands.add_parser("migrate", help="bring the database schema up to date").set_defaults(
+        run=_migrate
+    )
+
+    models = commands.add_parser("models", help="embedded models").add_subparsers(
+        required=True, metavar="ACTION"
+    )
+    models.add_parser("list", help="configured and embedded models").set_defaults(
+        run=_models_list
+    )
+    prepare = models.add_parser("prepare", help="download, assemble and verify model files")
+    prepare.add_argument("ids", nargs="*", help="embedded:<name> ids (default: configured)")
+    prepare.set_defaults(run=_models_prepare)
+
+    chat = commands.add_parser("chat", help="a streaming chat in the terminal")
+    chat.add_argument("--model")
+    chat.set_defaults(run=_chat)
+
+    users = commands.add_parser("users", help="accounts").add_subparsers(
+        required=True, metavar="ACTION"
+    )
+    create_user = users.add_parser("create", help="create an account (password on stdin)")
+    create_user.add_argument("username")
+    create_user.add_argument("--admin", action="store_true")
+    create_user.set_defaults(run=_users_create)
+
+    keys = commands.add_parser("keys", help="API keys").add_subparsers(
+        required=True, metavar="ACTION"
+    )
+    create_key = keys.add_parser("create", help="print a new API key for USERNAME on stdout")
+    create_key.add_argument("username")
+    create_key.add_argument("--name", default="cli", help="a label for the key")
+    create_key.set_defaults(run=_keys_create)
+    return parser
+
+
+def _serve(settings: Settings, args: argparse.Namespace) -> int:
+    import uvicorn
+
+    if args.host:
+        settings.host = args.host
+    if args.port:
+        settings.port = args.port
+    _prepare(settings, settings.models)
+    app = create_app(settings, progress)
+    progress(f"salon is starting on http://{settings.host}:{settings.port}")
+    uvicorn.run(
+        app, host=settings.host, port=settings.port, log_level=settings.log_level,
+        timeout_graceful_shutdown=10,
+    )
+    return 0
+
+
+def _migrate(settings: Settings, _args: argparse.Namespace) -> int:
+    async def run() -> None:
+        engine = create_engine(settings.database)
+        await migrate(engine)
+        await engine.dispose()
+
+    asyncio.run(run())
+    progress("database is up to date")
+    return 0
+
+
+def _models_list(settings: Settings, _args: argparse.Namespace) -> int:
+    from salon.backends.model_files import list_models
+
+    configured = set(settings.models)
+    for model_id in settings.models:
+        marker = " (default)" if model_id == settings.default_model else ""
+        print(f"{model_id}  configured{marker}")
+    for entry in list_models(settings.model_cache_dir):
+        model_id = f"embedded:{entry.name}"
+        if model_id not in configured:
+            state = "prepared" if entry.prepared else "not prepared"
+            print(f"{model_id}  available, {state}")
+    return 0
+
+
+def _models_prepare(settings: Settings, args: argparse.Namespace) -> int:
+    _prepare(settings, args.ids or settings.models, explicit=bool(args.ids))
+    return 0
+
+
+def _prepare(settings: Settings, model_ids: Sequence[str], explicit: bool = False) -> None:
+    for model_id in model_ids:
+        provider, _, name = model_id.partition(":")
+        if provider == "embedded":
+            from salon.backends.model_files import prepare
+
+            path = prepare(name, settings.model_cache_dir, progress)
+            progress(f"{model_id}: ready at {path}")
+        elif explicit:
+            progress(f"{model_id}: not an embedded model, nothing to prepare")
+
+
+def _chat(settings: Settings, args: argparse.Namespace) -> int:
+    _prepare(settings, [args.model or settings.default_model])
+    asyncio.run(_chat_loop(settings, args.model))
+    return 0
+
+
+async def _chat_loop(settings: Settings, model: str | None) -> None:
+    async with services(settings, progress) as built:
+        model_id = model or built.gateway.default_model
+        history: list[ChatMessage] = []
+        progress(f"chatting with {model_id}; an empty line or Ctrl-D ends")
+        while True:
+            try:
+                line = await asyncio.to_thread(input, "you> ")
+            except EOFError:
+                break
+            if not line.strip():
+                break
+            history.append(ChatMessage("user", line))
+            parts: list[str] = []
+            print("salon> ", end="", flush=True)
+            async for event in built.gateway.stream(model_id, history, SamplingParams()):
+                if isinstance(event, TextDelta):
+                    parts.append(event.text)
+                    print(event.text, end="", flush=True)
+            print()
+            history.append(ChatMessage("assistant", "".join(parts)))
+
+
+def _users_create(settings: Settings, args: argparse.Namespace) -> int:
+    password = _read_password()
+
+    async def run() -> None:
+        async with services(settings) as built:
+            user = await built.accounts.create_user(args.username, password, admin=args.admin)
+            progress(f"created {user.role} {user.username}")
+
+    asyncio.run(run())
+    return 0
+
+
+def _read_password() -> str:
+    if sys.stdin.isatty():
+        return getpass.getpass("password: ")
+    return sys.stdin.readline().rstrip("\n")
+
+
+def _keys_create(settings: Settings, args: argparse.Namespace) -> int:
+    async def run() -> str:
+        async with services(settings) as built:
+            new = await built.accounts.create_key_for(args.username, args.name)
+            return new.key
+
+    print(asyncio.run(run()))
+    return 0

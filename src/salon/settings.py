@@ -1,0 +1,128 @@
+"""Configuration: `SALON_` environment variables, an optional TOML file, defaults.
+
+Nested sections use `__` in environment variables, e.g. `SALON_EMBEDDED__THREADS=4`.
+Documented in docs/configuration.md. There is no module-level instance: the composition
+root (`salon.app.create_app`) and the CLI build one and pass it down.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, Field, SecretStr, field_validator
+from pydantic_settings import (
+    BaseSettings,
+    NoDecode,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+DEFAULT_MODEL = "embedded:qwen2.5-coder-1.5b-instruct"
+
+
+class ProviderSettings(BaseModel):
+    """A named source of models. `openai` speaks the OpenAI-compatible HTTP protocol
+    (vLLM, SGLang, llama.cpp server, Ollama, OpenAI itself); `fake` is the shipped test double."""
+
+    kind: Literal["openai", "embedded", "fake"] = "openai"
+    base_url: str | None = None
+    api_key: SecretStr | None = None
+    connect_timeout_s: float = 5.0
+    # Longest silence allowed between two chunks (and before the first one).
+    read_timeout_s: float = 300.0
+    # Only for kind "fake": seconds between words of its slow model.
+    fake_delay_s: float = 0.03
+
+
+class EmbeddedSettings(BaseModel):
+    threads: int | None = None  # None: all cores
+    context_size: int = 8192
+    # Conversations whose KV cache is kept resident (one llama.cpp slot each).
+    slots: int = 1
+    cache_dir: Path | None = None  # default: <data_dir>/models
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="SALON_",
+        env_nested_delimiter="__",
+        extra="ignore",
+    )
+
+    data_dir: Path = Path("data")
+    database_url: str | None = None  # default: SQLite in data_dir
+    host: str = "127.0.0.1"
+    port: int = 8000
+
+    # Active models as `provider:model` ids; the first is the default.
+    models: Annotated[list[str], NoDecode] = Field(default_factory=lambda: [DEFAULT_MODEL])
+    providers: dict[str, ProviderSettings] = Field(default_factory=dict)
+    embedded: EmbeddedSettings = Field(default_factory=EmbeddedSettings)
+
+    signup_open: bool = True  # initial value; the admin changes it at run time
+    session_days: int = 30
+    secure_cookies: bool = False  # set behind HTTPS
+    max_body_bytes: int = 2_000_000
+    max_message_chars: int = 100_000
+    # What enters the prompt from a conversation's history (newest first).
+    context_max_chars: int = 24_000
+    # The operator's instructions, above everything a user sets.
+    system_prompt: str | None = None
+    # How often a running generation writes its text to the store.
+    flush_interval_s: float = 0.25
+    log_level: str = "info"
+
+    @field_validator("models", mode="before")
+    @classmethod
+    def _split_models(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            value = value.strip()
+            if value.startswith("["):
+                import json
+
+                return json.loads(value)
+            return [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
+    @field_validator("models")
+    @classmethod
+    def _check_ids(cls, value: list[str]) -> list[str]:
+        for model_id in value:
+            provider, sep, name = model_id.partition(":")
+            if not sep or not provider or not name:
+                raise ValueError(f"model id {model_id!r} is not of the form provider:model")
+        if not value:
+            raise ValueError("at least one model must be configured")
+        return value
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        config_file = os.environ.get("SALON_CONFIG_FILE")
+        if config_file:
+            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=Path(config_file)))
+        return tuple(sources)
+
+    @property
+    def database(self) -> str:
+        if self.database_url:
+            return self.database_url
+        return f"sqlite+aiosqlite:///{(self.data_dir / 'salon.db').resolve()}"
+
+    @property
+    def model_cache_dir(self) -> Path:
+        return self.embedded.cache_dir or self.data_dir / "models"
+
+    @property
+    def default_model(self) -> str:
+        return self.models[0]

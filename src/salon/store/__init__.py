@@ -1,0 +1,1 @@
+"""Persistence: SQLAlchemy Core tables, repositories returning plain records, migrations."""
