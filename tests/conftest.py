@@ -14,7 +14,9 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from salon.store.db import create_engine, migrate
 from salon.store.tables import metadata
 
-PG_ADMIN_URL = os.environ.get("SALON_TEST_POSTGRES", "postgresql+asyncpg://postgres@127.0.0.1:5432/test")
+PG_ADMIN_URL = os.environ.get(
+    "SALON_TEST_POSTGRES", "postgresql+asyncpg://postgres@127.0.0.1:5432/test"
+)
 
 
 def _postgres_reachable() -> bool:

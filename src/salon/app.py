@@ -3,6 +3,7 @@ in the lifespan, and torn down in reverse order."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -20,6 +21,7 @@ from salon.backends.registry import BackendRegistry
 from salon.chat.gateway import Gateway
 from salon.chat.jobs import JobRunner
 from salon.chat.service import ChatLimits, ChatService, utcnow
+from salon.errors import SalonError
 from salon.settings import Settings
 from salon.store.accounts import AccountStore
 from salon.store.conversations import ConversationStore
@@ -31,8 +33,11 @@ Progress = Callable[[str], None]
 
 
 @asynccontextmanager
-async def services(settings: Settings, progress: Progress | None = None) -> AsyncIterator[Services]:
-    """Build every service on a migrated store; tear them down in reverse order."""
+async def services(
+    settings: Settings, progress: Progress | None = None, *, warm_up: bool = False
+) -> AsyncIterator[Services]:
+    """Build every service on a migrated store; tear them down in reverse order.
+    With `warm_up`, embedded models load in the background while requests are served."""
     engine = create_engine(settings.database)
     await migrate(engine)
     conversations = ConversationStore(engine)
@@ -46,6 +51,7 @@ async def services(settings: Settings, progress: Progress | None = None) -> Asyn
         context_max_chars=settings.context_max_chars,
         system_prompt=settings.system_prompt,
     )
+    loading = asyncio.create_task(_warm_up(registry)) if warm_up else None
     try:
         yield Services(
             accounts=AccountService(
@@ -60,15 +66,25 @@ async def services(settings: Settings, progress: Progress | None = None) -> Asyn
             session_days=settings.session_days,
         )
     finally:
+        if loading is not None:
+            loading.cancel()
         await runner.shutdown()
         await registry.close()
         await engine.dispose()
 
 
+async def _warm_up(registry: BackendRegistry) -> None:
+    try:
+        await registry.warm_up()
+    except SalonError as exc:
+        # The first message will try again and show the error to the user.
+        log.error("could not load a model: %s", exc.message)
+
+
 def create_app(settings: Settings, progress: Progress | None = None) -> Starlette:
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        async with services(settings, progress) as built:
+        async with services(settings, progress, warm_up=True) as built:
             app.state.services = built
             yield
 

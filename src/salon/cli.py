@@ -1,4 +1,4 @@
-"""salon serve | migrate | models list|prepare | chat | users create | keys create."""
+"""salon serve | migrate | models list|prepare | chat | eval | users create | keys create."""
 
 from __future__ import annotations
 
@@ -52,9 +52,7 @@ def _parser() -> argparse.ArgumentParser:
     models = commands.add_parser("models", help="embedded models").add_subparsers(
         required=True, metavar="ACTION"
     )
-    models.add_parser("list", help="configured and embedded models").set_defaults(
-        run=_models_list
-    )
+    models.add_parser("list", help="configured and embedded models").set_defaults(run=_models_list)
     prepare = models.add_parser("prepare", help="download, assemble and verify model files")
     prepare.add_argument("ids", nargs="*", help="embedded:<name> ids (default: configured)")
     prepare.set_defaults(run=_models_prepare)
@@ -62,6 +60,13 @@ def _parser() -> argparse.ArgumentParser:
     chat = commands.add_parser("chat", help="a streaming chat in the terminal")
     chat.add_argument("--model")
     chat.set_defaults(run=_chat)
+
+    evals = commands.add_parser("eval", help="evaluations").add_subparsers(
+        required=True, metavar="SUITE"
+    )
+    refusal = evals.add_parser("refusal", help="over-refusal and harmful compliance")
+    refusal.add_argument("--split", default="dev", help="'dev' or a CSV with the same columns")
+    refusal.set_defaults(run=_eval_refusal)
 
     users = commands.add_parser("users", help="accounts").add_subparsers(
         required=True, metavar="ACTION"
@@ -92,7 +97,10 @@ def _serve(settings: Settings, args: argparse.Namespace) -> int:
     app = create_app(settings, progress)
     progress(f"salon is starting on http://{settings.host}:{settings.port}")
     uvicorn.run(
-        app, host=settings.host, port=settings.port, log_level=settings.log_level,
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level,
         timeout_graceful_shutdown=10,
     )
     return 0
@@ -168,6 +176,13 @@ async def _chat_loop(settings: Settings, model: str | None) -> None:
                     print(event.text, end="", flush=True)
             print()
             history.append(ChatMessage("assistant", "".join(parts)))
+
+
+def _eval_refusal(_settings: Settings, args: argparse.Namespace) -> int:
+    from salon.evals.refusal import run_refusal_eval
+
+    print(run_refusal_eval(args.split).to_markdown())
+    return 0
 
 
 def _users_create(settings: Settings, args: argparse.Namespace) -> int:

@@ -81,27 +81,38 @@ class Server:
 
 
 def _get_json(url: str, timeout: float = 2.0) -> Any:
-    with urllib.request.urlopen(url, timeout=timeout) as response:  # noqa: S310 - local URL
+    with urllib.request.urlopen(url, timeout=timeout) as response:
         return json.loads(response.read())
 
 
-def start_server(data_dir: Path, models: str, *, start_timeout_s: float,
-                 extra_env: dict[str, str] | None = None) -> Server:
+def start_server(
+    data_dir: Path,
+    models: str,
+    *,
+    start_timeout_s: float,
+    extra_env: dict[str, str] | None = None,
+    port: int | None = None,
+) -> Server:
     data_dir.mkdir(parents=True, exist_ok=True)
-    port = free_port()
+    port = port or free_port()
     # A clean environment for salon: no SALON_* settings leak in from the developer's shell.
     env = {k: v for k, v in os.environ.items() if not k.startswith("SALON_")}
-    env.update({
-        "SALON_DATA_DIR": str(data_dir),
-        "SALON_MODELS": models,
-        "PYTHONUNBUFFERED": "1",
-    })
+    env.update(
+        {
+            "SALON_DATA_DIR": str(data_dir),
+            "SALON_MODELS": models,
+            "PYTHONUNBUFFERED": "1",
+        }
+    )
     env.update(extra_env or {})
     log_path = data_dir / "server.log"
-    log = log_path.open("wb")
+    log = log_path.open("ab")
     process = subprocess.Popen(
         [sys.executable, "-m", "salon", "serve", "--host", "127.0.0.1", "--port", str(port)],
-        env=env, stdout=log, stderr=subprocess.STDOUT, cwd=str(REPO),
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        cwd=str(REPO),
     )
     log.close()
     server = Server(f"http://127.0.0.1:{port}", data_dir, log_path, process, env)
@@ -109,7 +120,8 @@ def start_server(data_dir: Path, models: str, *, start_timeout_s: float,
     while True:
         if process.poll() is not None:
             raise RuntimeError(
-                f"salon serve exited with {process.returncode} before answering:\n{server.log_tail()}"
+                f"salon serve exited with {process.returncode} before answering:\n"
+                f"{server.log_tail()}"
             )
         try:
             _get_json(f"{server.base_url}/api/auth/state")
@@ -139,11 +151,13 @@ def stop_server(server: Server) -> None:
 
 
 @contextlib.contextmanager
-def running_server(prefix: str, models: str, *, start_timeout_s: float,
-                   extra_env: dict[str, str] | None = None) -> Iterator[Server]:
+def running_server(
+    prefix: str, models: str, *, start_timeout_s: float, extra_env: dict[str, str] | None = None
+) -> Iterator[Server]:
     root = Path(tempfile.mkdtemp(prefix=prefix))
-    server = start_server(root / "data", models, start_timeout_s=start_timeout_s,
-                          extra_env=extra_env)
+    server = start_server(
+        root / "data", models, start_timeout_s=start_timeout_s, extra_env=extra_env
+    )
     try:
         yield server
     finally:
@@ -154,10 +168,50 @@ def running_server(prefix: str, models: str, *, start_timeout_s: float,
             shutil.rmtree(root, ignore_errors=True)
 
 
+@pytest.fixture
+def server_factory() -> Iterator[Any]:
+    """Starts extra servers for one test (each in its own data directory unless given one);
+    all are stopped afterwards. `start(models, data_dir=None, port=None) -> Server`."""
+    started: list[Server] = []
+    root = Path(tempfile.mkdtemp(prefix="salon-e2e-extra-"))
+
+    def start(
+        models: str = FAKE_MODELS, data_dir: Path | None = None, port: int | None = None
+    ) -> Server:
+        timeout = float(os.environ.get("SALON_E2E_START_S", "30"))
+        srv = start_server(
+            data_dir or root / f"data{len(started)}", models, start_timeout_s=timeout, port=port
+        )
+        started.append(srv)
+        return srv
+
+    yield start
+    for srv in started:
+        stop_server(srv)
+    if not os.environ.get("SALON_E2E_KEEP"):
+        shutil.rmtree(root, ignore_errors=True)
+
+
 @pytest.fixture(scope="session")
 def server() -> Iterator[Server]:
     timeout = float(os.environ.get("SALON_E2E_START_S", "30"))
     with running_server("salon-e2e-", FAKE_MODELS, start_timeout_s=timeout) as srv:
+        yield srv
+
+
+@pytest.fixture(scope="session")
+def embedded_server() -> Iterator[Server]:
+    """A second server with the real embedded model. The model file comes from
+    SALON_TEST_MODEL_CACHE (default <repo>/.cache/models, filled by scripts/test.sh); the
+    server prepares it itself when it is missing, hence the long start timeout."""
+    cache = Path(os.environ.get("SALON_TEST_MODEL_CACHE", REPO / ".cache" / "models"))
+    timeout = float(os.environ.get("SALON_E2E_EMBEDDED_START_S", "900"))
+    with running_server(
+        "salon-e2e-embedded-",
+        EMBEDDED_MODEL,
+        start_timeout_s=timeout,
+        extra_env={"SALON_EMBEDDED__CACHE_DIR": str(cache)},
+    ) as srv:
         yield srv
 
 
@@ -178,11 +232,17 @@ def browser() -> Iterator[Any]:
 
 @pytest.fixture
 def new_context(browser: Any, server: Server, request: pytest.FixtureRequest) -> Iterator[Any]:
-    """Factory for browser contexts on the server; all are closed after the test."""
+    """Factory for browser contexts on the server; all are closed after the test, which
+    fails if a page of theirs threw an uncaught JavaScript error."""
     contexts: list[Any] = []
+    page_errors: list[str] = []
 
-    def make(storage_state: dict[str, Any] | None = None, base_url: str | None = None,
-             **kwargs: Any) -> Any:
+    def watch(page: Any) -> None:
+        page.on("pageerror", lambda error: page_errors.append(f"{page.url}: {error}"))
+
+    def make(
+        storage_state: dict[str, Any] | None = None, base_url: str | None = None, **kwargs: Any
+    ) -> Any:
         context = browser.new_context(
             base_url=base_url or server.base_url,
             storage_state=storage_state,
@@ -190,6 +250,7 @@ def new_context(browser: Any, server: Server, request: pytest.FixtureRequest) ->
             **kwargs,
         )
         context.set_default_timeout(10_000)
+        context.on("page", watch)
         contexts.append(context)
         return context
 
@@ -197,6 +258,7 @@ def new_context(browser: Any, server: Server, request: pytest.FixtureRequest) ->
     for context in contexts:
         with contextlib.suppress(Exception):
             context.close()
+    assert not page_errors, "uncaught errors in the page:\n" + "\n".join(page_errors)
 
 
 @pytest.hookimpl(wrapper=True)
@@ -229,7 +291,9 @@ def call_api(page: Any, method: str, path: str, body: Any = None) -> tuple[int, 
             headers["X-CSRF-Token"] = me.json()["csrf_token"]
         headers["Content-Type"] = "application/json"
     response = page.request.fetch(
-        path, method=method, headers=headers,
+        path,
+        method=method,
+        headers=headers,
         data=json.dumps(body) if body is not None else None,
     )
     text = response.text()
@@ -310,21 +374,34 @@ class ChatUI:
             self.pick_model(model)
 
     def send(self, text: str) -> None:
+        """Types and sends a message; returns once the UI shows it and its answer (so that
+        `last()` is the new answer, not the previous one)."""
+        before = self.messages().count()
         composer = self.page.get_by_test_id("composer")
         composer.fill(text)
         self.expect(self.page.get_by_test_id("send")).to_be_enabled()
         composer.press("Enter")
+        self.expect(self.messages()).to_have_count(before + 2)
+        self.expect(self.last("user").get_by_test_id("message-content")).to_have_text(text)
 
     def wait_status(self, message: Any, status: str, timeout: float = 20_000) -> None:
         self.expect(message).to_have_attribute("data-status", status, timeout=timeout)
 
     def content(self, message: Any) -> str:
-        return str(message.get_by_test_id("message-content").inner_text()).strip()
+        # textContent, not innerText: innerText is "" for a message that content-visibility
+        # has not painted yet (just rendered, or off screen).
+        return str(message.get_by_test_id("message-content").text_content()).strip()
 
     def conversation_id(self) -> str:
         path = self.page.evaluate("location.pathname")
         assert path.startswith("/c/"), path
-        return str(path[len("/c/"):])
+        return str(path[len("/c/") :])
+
+
+@pytest.fixture
+def sign_up() -> Any:
+    """`sign_up(page, username, password, first=bool)` through the UI's forms."""
+    return sign_up_in_ui
 
 
 @pytest.fixture

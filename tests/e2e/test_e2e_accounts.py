@@ -42,8 +42,12 @@ def test_second_user_sees_nothing_of_the_first(
     status, conv = api(alice, "POST", "/api/conversations", {"title": "alice secret plans"})
     assert status == 201
     cid = conv["id"]
-    status, turn = api(alice, "POST", f"/api/conversations/{cid}/messages",
-                       {"content": "the treasure is under the oak"})
+    status, turn = api(
+        alice,
+        "POST",
+        f"/api/conversations/{cid}/messages",
+        {"content": "the treasure is under the oak"},
+    )
     assert status == 201
     messages = _wait_done(alice, api, cid)
     user_mid = turn["user_message"]["id"]
@@ -162,7 +166,7 @@ def test_admin_closes_and_opens_sign_up(admin_page: Any, new_context: Any, api: 
         toggle.click()
         expect(toggle).not_to_be_checked()
         expect(toggle).to_be_enabled()
-        status, state = api(page, "GET", "/api/auth/state")
+        _, state = api(page, "GET", "/api/auth/state")
         assert state == {"has_users": True, "signup_open": False}
 
         visitor = new_context().new_page()
@@ -179,7 +183,8 @@ def test_admin_closes_and_opens_sign_up(admin_page: Any, new_context: Any, api: 
         api(page, "PATCH", "/api/admin/settings", {"signup_open": True})
 
 
-def test_non_admin_has_no_admin_section(new_context: Any) -> None:
+def test_non_admin_has_no_admin_section(new_context: Any, admin_account: Any) -> None:
+    assert admin_account.username  # carol is not the first account
     page = new_context().new_page()
     _sign_up(page, "carol")
     page.get_by_test_id("open-settings").click()

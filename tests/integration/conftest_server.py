@@ -212,6 +212,7 @@ def http_json(
 # Every scripted behaviour of the mock, as salon model ids of provider "up".
 UPSTREAM_MODELS = [
     "up:mock",
+    "up:slow",
     "up:die-mid-stream",
     "up:hang",
     "up:malformed",

@@ -23,8 +23,11 @@ MODELS = "fake:echo,fake:slow,fake:fail,fake:down,fake:markdown"
 async def base_url(database_url: str, engine: object, tmp_path: Path) -> AsyncIterator[str]:
     """A running salon on a clean database (`engine` empties it first)."""
     settings = Settings(
-        data_dir=tmp_path, database_url=database_url, models=MODELS.split(","),
-        max_body_bytes=50_000, flush_interval_s=0.05,
+        data_dir=tmp_path,
+        database_url=database_url,
+        models=MODELS.split(","),
+        max_body_bytes=50_000,
+        flush_interval_s=0.05,
         providers={"fake": ProviderSettings(kind="fake", fake_delay_s=0.004)},
     )
     sock = socket.socket()
@@ -58,18 +61,21 @@ class Browser:
         return str(response.json()["id"])
 
     async def say(self, cid: str, text: str, **extra: Any) -> dict[str, Any]:
-        response = await self.call("POST", f"/api/conversations/{cid}/messages",
-                                   {"content": text, **extra})
+        response = await self.call(
+            "POST", f"/api/conversations/{cid}/messages", {"content": text, **extra}
+        )
         assert response.status_code == 201, response.text
         return dict(response.json())
 
-    async def events(self, message_id: int, last_id: int | None = None,
-                     limit: int | None = None) -> list[tuple[str, int, Any]]:
+    async def events(
+        self, message_id: int, last_id: int | None = None, limit: int | None = None
+    ) -> list[tuple[str, int, Any]]:
         """SSE events (name, id, data) of a generation; stop after `limit` deltas."""
         headers = {"last-event-id": str(last_id)} if last_id is not None else {}
         found: list[tuple[str, int, Any]] = []
-        async with self.client.stream("GET", f"/api/messages/{message_id}/stream",
-                                      headers=headers) as response:
+        async with self.client.stream(
+            "GET", f"/api/messages/{message_id}/stream", headers=headers
+        ) as response:
             assert response.status_code == 200
             name, event_id = "", 0
             async for line in response.aiter_lines():
@@ -91,8 +97,9 @@ class Browser:
 
 async def sign_up(base_url: str, name: str) -> Browser:
     client = httpx.AsyncClient(base_url=base_url, timeout=20)
-    response = await client.post("/api/auth/signup",
-                                 json={"username": name, "password": "correct horse"})
+    response = await client.post(
+        "/api/auth/signup", json={"username": name, "password": "correct horse"}
+    )
     assert response.status_code == 201, response.text
     return Browser(client, response.json()["csrf_token"])
 
@@ -100,25 +107,32 @@ async def sign_up(base_url: str, name: str) -> Browser:
 async def test_first_account_is_admin_and_admin_can_close_signup(base_url: str) -> None:
     async with httpx.AsyncClient(base_url=base_url) as anonymous:
         assert (await anonymous.get("/api/auth/state")).json() == {
-            "has_users": False, "signup_open": True}
+            "has_users": False,
+            "signup_open": True,
+        }
     ann = await sign_up(base_url, "ann")
     me = (await ann.client.get("/api/auth/me")).json()
     assert me["user"]["role"] == "admin"
     bob = await sign_up(base_url, "bob")
     assert (await bob.client.get("/api/auth/me")).json()["user"]["role"] == "user"
-    assert (await bob.call("PATCH", "/api/admin/settings", {"signup_open": False})).status_code == 403
+    assert (
+        await bob.call("PATCH", "/api/admin/settings", {"signup_open": False})
+    ).status_code == 403
     closed = await ann.call("PATCH", "/api/admin/settings", {"signup_open": False})
     assert closed.json() == {"signup_open": False}
     async with httpx.AsyncClient(base_url=base_url) as anonymous:
-        refused = await anonymous.post("/api/auth/signup",
-                                       json={"username": "eve", "password": "correct horse"})
+        refused = await anonymous.post(
+            "/api/auth/signup", json={"username": "eve", "password": "correct horse"}
+        )
         assert refused.status_code == 403
         assert "closed" in refused.json()["error"]["message"]
-        wrong = await anonymous.post("/api/auth/login",
-                                     json={"username": "ann", "password": "wrong password"})
+        wrong = await anonymous.post(
+            "/api/auth/login", json={"username": "ann", "password": "wrong password"}
+        )
         assert wrong.status_code == 401
-        right = await anonymous.post("/api/auth/login",
-                                     json={"username": "ann", "password": "correct horse"})
+        right = await anonymous.post(
+            "/api/auth/login", json={"username": "ann", "password": "correct horse"}
+        )
         assert right.status_code == 200
         assert "salon_session" in right.cookies
 
@@ -156,7 +170,9 @@ async def test_regenerate_edit_and_switch_branches(base_url: str) -> None:
     second = await ann.say(cid, "two")
     await ann.answer(second["assistant_message"]["id"])
 
-    again = (await ann.call("POST", f"/api/messages/{second['assistant_message']['id']}/regenerate")).json()
+    again = (
+        await ann.call("POST", f"/api/messages/{second['assistant_message']['id']}/regenerate")
+    ).json()
     await ann.answer(again["id"])
     page = (await ann.call("GET", f"/api/conversations/{cid}/messages")).json()["data"]
     assert page[-1]["id"] == again["id"]
@@ -165,12 +181,17 @@ async def test_regenerate_edit_and_switch_branches(base_url: str) -> None:
     edited = await ann.say(cid, "two, edited", parent_id=first["assistant_message"]["id"])
     await ann.answer(edited["assistant_message"]["id"])
     page = (await ann.call("GET", f"/api/conversations/{cid}/messages")).json()["data"]
-    assert [m["content"] for m in page] == ["one", "You said: one", "two, edited",
-                                           "You said: two, edited"]
+    assert [m["content"] for m in page] == [
+        "one",
+        "You said: one",
+        "two, edited",
+        "You said: two, edited",
+    ]
     assert page[2]["siblings"] == [second["user_message"]["id"], edited["user_message"]["id"]]
 
-    switched = await ann.call("POST", f"/api/conversations/{cid}/branch",
-                              {"message_id": second["user_message"]["id"]})
+    switched = await ann.call(
+        "POST", f"/api/conversations/{cid}/branch", {"message_id": second["user_message"]["id"]}
+    )
     assert switched.json()["current_leaf_id"] == again["id"]
     page = (await ann.call("GET", f"/api/conversations/{cid}/messages")).json()["data"]
     assert [m["content"] for m in page][2] == "two"
@@ -209,7 +230,7 @@ async def test_reattach_with_last_event_id_has_no_gaps_or_duplicates(base_url: s
     assert text == " ".join(f"w{i}" for i in range(1, 401))
     # Re-attaching after the end gives the rest from the store.
     late = await ann.events(message_id, last_id=head[-1][1])
-    assert "".join(d["text"] for n, _, d in late if n == "delta") == text[head[-1][1]:]
+    assert "".join(d["text"] for n, _, d in late if n == "delta") == text[head[-1][1] :]
 
 
 async def test_backend_failures_end_with_an_error_and_keep_the_text(base_url: str) -> None:
@@ -235,14 +256,19 @@ async def test_bad_input_gets_a_clear_4xx(base_url: str) -> None:
         await ann.call("POST", f"/api/conversations/{cid}/messages", {"content": "   "}),
         await ann.call("POST", f"/api/conversations/{cid}/messages", {"content": 5}),
         await ann.call("POST", f"/api/conversations/{cid}/messages", {"content": "x" * 60_000}),
-        await ann.call("POST", f"/api/conversations/{cid}/messages",
-                       {"content": "hi", "model": "fake:nope"}),
-        await ann.call("POST", f"/api/conversations/{cid}/messages",
-                       {"content": "hi", "parent_id": 999999}),
+        await ann.call(
+            "POST", f"/api/conversations/{cid}/messages", {"content": "hi", "model": "fake:nope"}
+        ),
+        await ann.call(
+            "POST", f"/api/conversations/{cid}/messages", {"content": "hi", "parent_id": 999999}
+        ),
         await ann.call("GET", f"/api/conversations/{cid}/messages?limit=abc"),
         await ann.call("GET", "/api/messages/abc/stream"),
-        await ann.client.post("/api/auth/signup", content="username=a", headers={
-            "content-type": "application/x-www-form-urlencoded"}),
+        await ann.client.post(
+            "/api/auth/signup",
+            content="username=a",
+            headers={"content-type": "application/x-www-form-urlencoded"},
+        ),
     ]
     assert [c.status_code for c in cases] == [400, 400, 400, 413, 404, 400, 400, 400, 400]
     for case in cases:
@@ -283,8 +309,10 @@ async def test_api_keys_are_shown_once_and_work_on_v1(base_url: str) -> None:
     async with httpx.AsyncClient(base_url=base_url) as client:
         auth = {"authorization": f"Bearer {key}"}
         models = await client.get("/v1/models", headers=auth)
-        assert [m["id"] for m in models.json()["data"]][0] == "fake:echo"
-        assert (await client.get("/v1/models", headers={"authorization": "Bearer sk-salon-x"})).status_code == 401
+        assert next(m["id"] for m in models.json()["data"]) == "fake:echo"
+        assert (
+            await client.get("/v1/models", headers={"authorization": "Bearer sk-salon-x"})
+        ).status_code == 401
         assert (await client.get("/v1/models")).status_code == 401
         await ann.call("DELETE", f"/api/keys/{created['id']}")
         assert (await client.get("/v1/models", headers=auth)).status_code == 401

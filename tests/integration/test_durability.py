@@ -40,7 +40,9 @@ class Server:
         self.url = f"http://127.0.0.1:{self.port}"
         self.process = subprocess.Popen(
             [sys.executable, "-m", "salon", "serve", "--port", str(self.port)],
-            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
         )
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
@@ -72,12 +74,14 @@ def test_sigkill_mid_generation_loses_nothing(
     first = Server(server_env)
     servers.append(first)
     client = httpx.Client(base_url=first.url, timeout=10)
-    csrf = client.post("/api/auth/signup",
-                       json={"username": "ann", "password": "correct horse"}).json()["csrf_token"]
+    csrf = client.post(
+        "/api/auth/signup", json={"username": "ann", "password": "correct horse"}
+    ).json()["csrf_token"]
     headers = {"x-csrf-token": csrf}
     cid = client.post("/api/conversations", json={}, headers=headers).json()["id"]
-    turn = client.post(f"/api/conversations/{cid}/messages",
-                       json={"content": "count for me"}, headers=headers).json()
+    turn = client.post(
+        f"/api/conversations/{cid}/messages", json={"content": "count for me"}, headers=headers
+    ).json()
     answer_id = turn["assistant_message"]["id"]
     time.sleep(0.6)  # a few flushes happen
     first.kill()
@@ -96,8 +100,11 @@ def test_sigkill_mid_generation_loses_nothing(
 
     resumed = client.post(f"/api/messages/{answer_id}/continue", headers=headers)
     assert resumed.status_code == 200, resumed.text
-    with client.stream("GET", f"/api/messages/{answer_id}/stream",
-                       headers={"last-event-id": str(len(partial["content"]))}) as stream:
+    with client.stream(
+        "GET",
+        f"/api/messages/{answer_id}/stream",
+        headers={"last-event-id": str(len(partial["content"]))},
+    ) as stream:
         for line in stream.iter_lines():
             if line.startswith("data: ") and '"text"' in line:
                 more = json.loads(line[6:])["text"]

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
@@ -113,6 +114,12 @@ async def test_the_request_carries_the_parameters(
     sampling = (body["temperature"], body["top_p"], body["seed"], body["stop"])
     assert sampling == (0.3, 0.9, 7, ["zzz"])
     assert "max_tokens" not in body
+
+
+async def test_events_split_across_reads_with_crlf_are_parsed(backend: OpenAIHttpBackend) -> None:
+    texts, finished = await collect(backend, request("fragmented"))
+    assert texts == [WORDS[i % len(WORDS)] for i in range(20)]
+    assert finished is not None and finished.reason is FinishReason.STOP
 
 
 async def test_max_tokens_ends_with_length(
@@ -297,6 +304,48 @@ def test_openai_streaming_without_usage(client: openai.OpenAI) -> None:
     chunks = list(stream)
     assert all(chunk.usage is None for chunk in chunks)
     assert chunks[-1].choices[0].finish_reason == "stop"
+
+
+def test_sse_events_are_relayed_one_for_one(salon_with_upstream: SalonServer) -> None:
+    body = {"model": "up:mock", "messages": HI, "stream": True}
+    body["stream_options"] = {"include_usage": True}
+    headers = {"Authorization": f"Bearer {salon_with_upstream.api_key}"}
+    url = f"{salon_with_upstream.base_url}/v1/chat/completions"
+    with httpx.stream("POST", url, json=body, headers=headers, timeout=10) as response:
+        assert response.status_code == 200
+        assert response.headers["content-type"].startswith("text/event-stream")
+        lines = [line for line in response.iter_lines() if line]
+    assert all(line.startswith("data: ") for line in lines)
+    assert lines[-1] == "data: [DONE]"
+    chunks = [json.loads(line[6:]) for line in lines[:-1]]
+    assert len({c["id"] for c in chunks}) == 1 and chunks[0]["id"].startswith("chatcmpl-")
+    assert chunks[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+    contents = [c["choices"][0]["delta"]["content"] for c in chunks[1:21]]
+    assert contents == [WORDS[i % len(WORDS)] for i in range(20)]
+    assert chunks[21]["choices"] == [{"index": 0, "delta": {}, "finish_reason": "stop"}]
+    assert chunks[22]["choices"] == [] and chunks[22]["usage"]["completion_tokens"] == 20
+    assert len(chunks) == 23
+
+
+def test_a_client_that_leaves_stops_the_upstream_stream(
+    salon_with_upstream: SalonServer, mock_upstream_thread: RunningUpstream
+) -> None:
+    state = mock_upstream_thread.state
+    before = (state.disconnected, state.completed)
+    body = {"model": "up:slow", "messages": HI, "stream": True}
+    headers = {"Authorization": f"Bearer {salon_with_upstream.api_key}"}
+    url = f"{salon_with_upstream.base_url}/v1/chat/completions"
+    with httpx.stream("POST", url, json=body, headers=headers, timeout=10) as response:
+        received = 0
+        for line in response.iter_lines():
+            received += '"content": "' in line and '"content": ""' not in line
+            if received == 3:
+                break
+    deadline = time.monotonic() + 5  # the slow answer would take 2 s more
+    while state.disconnected == before[0] and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert state.disconnected == before[0] + 1
+    assert state.completed == before[1]
 
 
 def test_openai_max_tokens(client: openai.OpenAI) -> None:

@@ -25,8 +25,10 @@ async def _conversation(store: ConversationStore, user_id: str, cid: str) -> Con
 
 
 def _turn(text: str) -> list[NewMessage]:
-    return [NewMessage("user", text, MessageStatus.COMPLETE),
-            NewMessage("assistant", "re: " + text, MessageStatus.COMPLETE, "fake:echo")]
+    return [
+        NewMessage("user", text, MessageStatus.COMPLETE),
+        NewMessage("assistant", "re: " + text, MessageStatus.COMPLETE, "fake:echo"),
+    ]
 
 
 async def test_branches_paging_and_siblings(engine: AsyncEngine) -> None:
@@ -57,7 +59,7 @@ async def test_every_read_and_write_is_scoped_to_the_owner(engine: AsyncEngine) 
     store = ConversationStore(engine)
     ann, bob = await _user(engine, "ann"), await _user(engine, "bob")
     await _conversation(store, ann.id, "c1")
-    (question, answer) = await store.append(ann.id, "c1", None, _turn("secret"), NOW)
+    (_question, answer) = await store.append(ann.id, "c1", None, _turn("secret"), NOW)
     with pytest.raises(NotFound):
         await store.get(bob.id, "c1")
     with pytest.raises(NotFound):
@@ -70,7 +72,9 @@ async def test_every_read_and_write_is_scoped_to_the_owner(engine: AsyncEngine) 
         await store.delete(bob.id, "c1")
     assert await store.path(bob.id, "c1", answer.id, 10) == ([], False)
     assert await store.search(bob.id, query="secret", limit=10, before=None) == []
-    assert [c.id for c in await store.search(ann.id, query="secret", limit=10, before=None)] == ["c1"]
+    assert [c.id for c in await store.search(ann.id, query="secret", limit=10, before=None)] == [
+        "c1"
+    ]
 
 
 async def test_search_matches_title_and_content_newest_first(engine: AsyncEngine) -> None:
@@ -79,8 +83,12 @@ async def test_search_matches_title_and_content_newest_first(engine: AsyncEngine
     for index in range(5):
         cid = f"c{index}"
         when = NOW + timedelta(minutes=index)
-        await store.create(ConversationRecord(cid, user.id, f"title {index}", None, None, when, when))
-    await store.append(user.id, "c1", None, _turn("about 100% pure_sugar"), NOW + timedelta(hours=1))
+        await store.create(
+            ConversationRecord(cid, user.id, f"title {index}", None, None, when, when)
+        )
+    await store.append(
+        user.id, "c1", None, _turn("about 100% pure_sugar"), NOW + timedelta(hours=1)
+    )
     found = await store.search(user.id, query="100% pure_", limit=10, before=None)
     assert [c.id for c in found] == ["c1"]
     everything = await store.search(user.id, query=None, limit=2, before=None)
@@ -96,17 +104,28 @@ async def test_interrupted_generations_are_kept_and_marked(engine: AsyncEngine) 
     user = await _user(engine, "ann")
     await _conversation(store, user.id, "c1")
     _, answer = await store.append(
-        user.id, "c1", None,
-        [NewMessage("user", "q", MessageStatus.COMPLETE),
-         NewMessage("assistant", "", MessageStatus.STREAMING, "fake:slow")], NOW,
+        user.id,
+        "c1",
+        None,
+        [
+            NewMessage("user", "q", MessageStatus.COMPLETE),
+            NewMessage("assistant", "", MessageStatus.STREAMING, "fake:slow"),
+        ],
+        NOW,
     )
     await store.update_content(answer.id, "partial text", NOW)
     assert await store.mark_interrupted() == 1
     kept = await store.message(user.id, answer.id)
     assert kept.status == MessageStatus.INCOMPLETE
     assert kept.content == "partial text"
-    await store.finish(answer.id, content="partial text, done", status=MessageStatus.COMPLETE,
-                       error=None, usage=Usage(3, 4), now=NOW)
+    await store.finish(
+        answer.id,
+        content="partial text, done",
+        status=MessageStatus.COMPLETE,
+        error=None,
+        usage=Usage(3, 4),
+        now=NOW,
+    )
     done = await store.message(user.id, answer.id)
     assert (done.status, done.usage) == (MessageStatus.COMPLETE, Usage(3, 4))
 
@@ -123,8 +142,12 @@ async def test_deleting_a_conversation_removes_its_messages(engine: AsyncEngine)
 
 async def test_usernames_are_unique_and_the_first_user_is_admin(engine: AsyncEngine) -> None:
     accounts = AccountStore(engine)
-    first = await accounts.create_user(UserRecord("1", "ann", "h", "user", NOW), first_is_admin=True)
-    second = await accounts.create_user(UserRecord("2", "bob", "h", "user", NOW), first_is_admin=True)
+    first = await accounts.create_user(
+        UserRecord("1", "ann", "h", "user", NOW), first_is_admin=True
+    )
+    second = await accounts.create_user(
+        UserRecord("2", "bob", "h", "user", NOW), first_is_admin=True
+    )
     assert (first.role, second.role) == ("admin", "user")
     with pytest.raises(Conflict):
         await accounts.create_user(UserRecord("3", "ann", "h", "user", NOW), first_is_admin=False)

@@ -8,7 +8,9 @@ from salon.domain import ChatMessage, CompletionRequest, FinishReason, SamplingP
 from salon.errors import BackendUnavailable, UnknownModel
 
 
-def _request(model: str, *messages: ChatMessage, max_tokens: int | None = None) -> CompletionRequest:
+def _request(
+    model: str, *messages: ChatMessage, max_tokens: int | None = None
+) -> CompletionRequest:
     return CompletionRequest(model, messages, SamplingParams(max_tokens=max_tokens))
 
 
@@ -22,8 +24,9 @@ async def test_echo_and_length_limit() -> None:
 
 async def test_slow_continues_an_answer() -> None:
     fake = FakeBackend(0)
-    request = _request("slow", ChatMessage("user", "x"), ChatMessage("assistant", "w1 w2"),
-                       max_tokens=4)
+    request = _request(
+        "slow", ChatMessage("user", "x"), ChatMessage("assistant", "w1 w2"), max_tokens=4
+    )
     assert (await complete(fake, request)).text == " w3 w4"
 
 

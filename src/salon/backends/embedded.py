@@ -8,8 +8,9 @@ How the pieces fit:
 
 - Each generation runs on a worker thread. Its callback hands chunks to the event loop with
   `loop.call_soon_threadsafe` into an `asyncio.Queue` (no polling), and returns True once the
-  consumer has gone away: llama.cpp then cancels the task, so an abandoned stream stops burning
-  CPU by the next token.
+  consumer has gone away (`aclose()`, a cancelled task, `close()`): llama.cpp then cancels the
+  task. The callback runs after every token and, thanks to `return_progress`, after every prompt
+  batch, so an abandoned stream stops burning CPU within one token or one prompt batch.
 - KV reuse: `cache_prompt` makes llama.cpp keep each slot's evaluated tokens and only evaluate
   the part of a new prompt after the longest common prefix. A conversation (`session_key`) is
   pinned to one slot (`id_slot`), so turn N re-evaluates only the last reply and the new user
@@ -30,7 +31,7 @@ import tempfile
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,12 +52,17 @@ from salon.errors import BackendError, ContextTooLong, InvalidRequest, SalonErro
 from salon.settings import EmbeddedSettings
 
 logger = logging.getLogger(__name__)
+# llama.cpp's own log goes to stderr; it is switched on by DEBUG on this logger only.
+runtime_logger = logging.getLogger(f"{__name__}.llama")
 
 Chunk = dict[str, Any]
 
 # Prompt states of conversations evicted from their slot are kept in RAM up to this size, so
 # switching back to one is a restore, not a recompute. llama.cpp's own default is 8 GiB.
 PROMPT_CACHE_RAM_MIB = 1024
+# Prompt tokens evaluated per batch. A stop request lands between batches, so this bounds how
+# long a cancelled long prompt keeps the CPU busy (256 tokens: ~3 s for Qwen 1.5B on 2 cores).
+PROMPT_BATCH_TOKENS = 256
 # Each running generation holds a worker thread for its whole duration, including time spent
 # waiting inside llama.cpp for a busy slot; loads and shutdown use the same pool.
 MAX_WORKER_THREADS = 32
@@ -89,7 +95,7 @@ class EmbeddedBackend:
 
     @property
     def threads(self) -> int:
-        return self._settings.threads or os.cpu_count() or 1
+        return resolve_threads(self._settings)
 
     @property
     def loaded_models(self) -> list[str]:
@@ -99,7 +105,7 @@ class EmbeddedBackend:
         """Prepare and load `name` now rather than on its first request."""
         await self._model(name, progress)
 
-    async def stream(self, request: CompletionRequest) -> AsyncIterator[StreamEvent]:
+    async def stream(self, request: CompletionRequest) -> AsyncGenerator[StreamEvent, None]:
         model = await self._model(request.model)
         slot = model.slots.acquire(request.session_key)
         loop = asyncio.get_running_loop()
@@ -159,7 +165,7 @@ class EmbeddedBackend:
         started = time.monotonic()
         socket_dir = Path(tempfile.mkdtemp(prefix="salon-llama-"))
         try:
-            server = xllamacpp.Server(self._server_params(path, socket_dir))
+            server = xllamacpp.Server(runtime_params(self._settings, path, socket_dir))
         except Exception as exc:
             shutil.rmtree(socket_dir, ignore_errors=True)
             raise _to_salon_error(
@@ -168,34 +174,44 @@ class EmbeddedBackend:
         report(f"{name}: loaded in {time.monotonic() - started:.1f} s")
         return _LoadedModel(name, server, _SlotTable(slots), socket_dir)
 
-    def _server_params(self, path: Path, socket_dir: Path) -> Any:
-        params = xllamacpp.CommonParams()
-        params.model.path = str(path)
-        params.n_parallel = self._settings.slots
-        # llama.cpp splits n_ctx evenly between slots: each conversation gets context_size.
-        params.n_ctx = self._settings.context_size * self._settings.slots
-        params.kv_unified = False
-        params.fit_params = False  # honour the configured context rather than shrinking it
-        params.ctx_shift = False  # a too-long conversation is an error, not silent forgetting
-        params.cpuparams.n_threads = self.threads
-        params.cpuparams_batch.n_threads = self.threads
-        params.cache_prompt = True
-        params.cache_ram_mib = PROMPT_CACHE_RAM_MIB
-        params.prefill_assistant = True  # a trailing assistant message is continued
-        # Keep any reasoning text in the content we relay instead of dropping it.
-        params.reasoning_format = xllamacpp.common_reasoning_format.COMMON_REASONING_FORMAT_NONE
-        params.verbosity = 3 if logger.isEnabledFor(logging.DEBUG) else 0
-        # The runtime always opens an HTTP listener. Keep it off the network (a unix socket in
-        # a private directory) and closed even to local users (a key nobody knows, no /slots,
-        # which would show conversation text).
-        params.hostnames = [str(socket_dir / "llama.sock")]
-        params.api_keys = [secrets.token_urlsafe(32)]
-        params.endpoint_slots = False
-        params.endpoint_metrics = False
-        params.endpoint_props = False
-        params.ui = False
-        params.n_threads_http = 1
-        return params
+
+def runtime_params(settings: EmbeddedSettings, model_path: Path, socket_dir: Path) -> Any:
+    """xllamacpp's `CommonParams` for one model (public so benchmarks run the same runtime)."""
+    threads = resolve_threads(settings)
+    params = xllamacpp.CommonParams()
+    params.model.path = str(model_path)
+    params.n_parallel = settings.slots
+    # llama.cpp splits n_ctx evenly between slots: each conversation gets context_size.
+    params.n_ctx = settings.context_size * settings.slots
+    params.kv_unified = False
+    params.fit_params = False  # honour the configured context rather than shrinking it
+    params.ctx_shift = False  # a too-long conversation is an error, not silent forgetting
+    # Cancellation takes effect between prompt batches; smaller batches bound that latency.
+    params.n_batch = PROMPT_BATCH_TOKENS
+    params.n_ubatch = PROMPT_BATCH_TOKENS
+    params.cpuparams.n_threads = threads
+    params.cpuparams_batch.n_threads = threads
+    params.cache_prompt = True
+    params.cache_ram_mib = PROMPT_CACHE_RAM_MIB
+    params.prefill_assistant = True  # a trailing assistant message is continued
+    # Keep any reasoning text in the content we relay instead of dropping it.
+    params.reasoning_format = xllamacpp.common_reasoning_format.COMMON_REASONING_FORMAT_NONE
+    params.verbosity = 3 if runtime_logger.isEnabledFor(logging.DEBUG) else 0
+    # The runtime always opens an HTTP listener. Keep it off the network (a unix socket in
+    # a private directory) and closed even to local users (a key nobody knows, no /slots,
+    # which would show conversation text).
+    params.hostnames = [str(socket_dir / "llama.sock")]
+    params.api_keys = [secrets.token_urlsafe(32)]
+    params.endpoint_slots = False
+    params.endpoint_metrics = False
+    params.endpoint_props = False
+    params.ui = False
+    params.n_threads_http = 1
+    return params
+
+
+def resolve_threads(settings: EmbeddedSettings) -> int:
+    return settings.threads or os.cpu_count() or 1
 
 
 @dataclass(slots=True)
@@ -288,6 +304,7 @@ class _Generation:
     async def events(self) -> AsyncIterator[StreamEvent]:
         reason: FinishReason | None = None
         usage = Usage()
+        timings: Chunk = {}
         while not isinstance(item := await self._queue.get(), _End):
             if "error" in item:
                 raise _to_salon_error(item)
@@ -296,11 +313,30 @@ class _Generation:
                 yield TextDelta(text)
             reason = chunk_reason or reason
             usage = chunk_usage or usage
+            timings = item.get("timings") or timings
         if item.failure is not None:
             raise _to_salon_error(item.failure)
         if reason is None:
+            if self._cancelled.is_set():  # only `close()` cancels a stream still being read
+                raise BackendError("the embedded backend was closed during generation")
             raise BackendError("the embedded model stopped without finishing its answer")
+        _log_timings(timings)
         yield Finished(reason, usage)
+
+
+def _log_timings(timings: Chunk) -> None:
+    """llama.cpp's accounting of one generation; `cache_n` shows whether KV reuse worked."""
+    if timings and logger.isEnabledFor(logging.DEBUG):
+        logger.debug(
+            "prompt: %s tokens evaluated, %s reused from cache, %.0f ms; "
+            "decode: %s tokens at %.1f tok/s",
+            timings.get("prompt_n"),
+            timings.get("cache_n"),
+            timings.get("prompt_ms", 0.0),
+            timings.get("predicted_n"),
+            timings.get("predicted_per_second", 0.0),
+            extra={"llama_timings": timings},
+        )
 
 
 def _generate(server: Any, body: Chunk, generation: _Generation) -> None:
@@ -323,6 +359,9 @@ def _request_body(request: CompletionRequest, slot: int) -> Chunk:
         "stream_options": {"include_usage": True},
         "cache_prompt": True,
         "id_slot": slot,
+        # A progress chunk after every prompt batch gives our callback the chance to cancel
+        # while a long prompt is still being evaluated, not only once tokens flow.
+        "return_progress": True,
     }
     optional = {
         "max_tokens": params.max_tokens,

@@ -8,6 +8,9 @@ The model name picks a scripted behaviour, so a test (or `salon serve` pointed a
 provoke every failure an upstream can show:
 
     any other name     a normal answer of `chunks` content chunks (one "token" each)
+    slow               ten times as many chunks, at least 10 ms apart (to stop mid-way)
+    fragmented         a normal answer, but CRLF line ends, a comment line, every event
+                       split across two writes, and a last line without its newline
     die-mid-stream     a few chunks, then the connection is cut
     hang               never sends a byte (not even headers) until the client goes away
     hang-mid-stream    a few chunks, then silence until the client goes away
@@ -53,6 +56,8 @@ FAIL_AFTER = 3
 # A hanging answer gives up by itself after this long, so nothing runs forever.
 HANG_LIMIT_S = 600.0
 FAILURE_MODES = (
+    "slow",
+    "fragmented",
     "die-mid-stream",
     "hang",
     "hang-mid-stream",
@@ -191,7 +196,8 @@ class _Handler:
         if found is None:
             if len(self.scripts) > 256:
                 self.scripts.clear()
-            found = self.scripts[model] = _script(model, self.config.chunks, self.created)
+            count = self.config.chunks * (10 if model == "slow" else 1)
+            found = self.scripts[model] = _script(model, count, self.created)
         return found
 
     async def models(self, request: web.Request) -> web.StreamResponse:
@@ -281,6 +287,8 @@ class _Handler:
             if model in _MID_STREAM:
                 return await _MID_STREAM[model](self, request, response, script)
             delay = self.config.delay_ms / 1000
+            if model == "slow":
+                delay = max(delay, 0.01)
             if plan.precoded:
                 content: Sequence[bytes] = script.content[: len(plan.texts)]
             else:
@@ -303,6 +311,22 @@ class _Handler:
         except asyncio.CancelledError:  # the client went away (handler cancellation)
             self.state.disconnected += 1
             raise
+        self.state.completed += 1
+        return response
+
+    async def fragmented(
+        self, request: web.Request, response: web.StreamResponse, script: _Script
+    ) -> web.StreamResponse:
+        await response.write(b": keep-alive\r\n\r\n")
+        events = [*script.content, script.finish["stop"]]
+        for event in events:
+            event = event.replace(b"\n", b"\r\n")
+            half = len(event) // 2
+            await response.write(event[:half])
+            await asyncio.sleep(0.002)  # so the halves arrive in separate reads
+            await response.write(event[half:])
+        await response.write(b"data: [DONE]")  # no newline before the end
+        await response.write_eof()
         self.state.completed += 1
         return response
 
@@ -360,6 +384,7 @@ class _Handler:
 
 
 _MID_STREAM = {
+    "fragmented": _Handler.fragmented,
     "die-mid-stream": _Handler.die,
     "hang-mid-stream": _Handler.stall,
     "malformed": _Handler.malformed,

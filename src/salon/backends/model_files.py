@@ -221,22 +221,22 @@ class ModelCatalog:
     def resolve_model_path(
         self, name: str, cache_dir: Path, progress: ProgressFn | None = None
     ) -> Path:
-        """The GGUF file to load for `name`, preparing a catalog model if needed."""
+        """The GGUF file to load for `name`: a user's path as is, a catalog model prepared."""
         if name not in self._entries and is_path_name(name):
             return _check_user_path(Path(name).expanduser())
-        return self.prepare(name, cache_dir, progress)
+        return self._prepare_entry(self.get(name), cache_dir, progress or _no_progress)
 
     def prepare(self, name: str, cache_dir: Path, progress: ProgressFn | None = None) -> Path:
-        """Make `<cache_dir>/<name>.gguf` present and verified; return its path."""
-        entry = self.get(name)
-        report = progress or _no_progress
+        """Make `<cache_dir>/<name>.gguf` present and verified (a user's path: checked only)."""
+        return self.resolve_model_path(name, cache_dir, progress)
+
+    def _prepare_entry(self, entry: CatalogEntry, cache_dir: Path, report: ProgressFn) -> Path:
         cache_dir.mkdir(parents=True, exist_ok=True)
-        target = model_path(cache_dir, name)
+        target = model_path(cache_dir, entry.name)
         # Two processes preparing the same model would interleave appends to one .partial.
         with _file_lock(target.with_name(target.name + ".lock")):
-            if _verify_existing(entry, target, report):
-                return target
-            _fetch_from_sources(entry, target, report)
+            if not _verify_existing(entry, target, report):
+                _fetch_from_sources(entry, target, report)
         return target
 
 

@@ -8,7 +8,7 @@ aiohttp rather than httpx: measured on this kind of machine, an aiohttp client r
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator
 from typing import Any
 
 import aiohttp
@@ -66,8 +66,17 @@ class OpenAIHttpBackend:
             ) as response:
                 if response.status != 200:
                     raise _http_error(response.status, await response.read())
-                async for event in _events(response.content):
-                    yield event
+                # Whole network reads, split here: one await per read rather than per line.
+                parser = _SSEParser()
+                async for block in response.content.iter_any():
+                    for event in parser.feed(block):
+                        yield event
+                    if parser.done:
+                        break
+                else:
+                    for event in parser.feed(b"\n"):  # a last line without its newline
+                        yield event
+                yield parser.finish()
         except SalonError:
             raise
         except TimeoutError as exc:
@@ -103,39 +112,64 @@ def _body(request: CompletionRequest) -> dict[str, Any]:
     return body
 
 
-async def _events(content: aiohttp.StreamReader) -> AsyncIterator[StreamEvent]:
-    reason: FinishReason | None = None
-    usage = Usage()
-    async for raw in content:
-        line = raw.strip()
-        if not line.startswith(b"data:"):
-            continue  # SSE comments, event names, blank separators
-        data = line[5:].strip()
-        if data == b"[DONE]":
-            break
-        chunk = _parse(data)
+class _SSEParser:
+    """OpenAI's SSE stream, fed as it arrives: `feed` returns the text deltas of the
+    complete lines so far (and notes the finish reason, usage and [DONE]); `finish` gives
+    the final event, or the error of a stream that ended early."""
+
+    __slots__ = ("_error", "_pending", "_reason", "_usage", "done")
+
+    def __init__(self) -> None:
+        self.done = False  # [DONE] was seen, or an error
+        self._error: BackendError | None = None  # raised once the text before it is out
+        self._pending = b""  # an incomplete last line
+        self._reason: FinishReason | None = None
+        self._usage = Usage()
+
+    def feed(self, block: bytes) -> list[TextDelta]:
+        lines = (self._pending + block).split(b"\n") if self._pending else block.split(b"\n")
+        self._pending = lines.pop()
+        deltas: list[TextDelta] = []
+        for raw in lines:
+            if not raw.startswith(b"data:"):
+                continue  # SSE comments, event names, blank separators
+            data = raw[5:].strip()
+            if data == b"[DONE]":
+                self.done = True
+                break
+            try:
+                self._chunk(_parse(data), deltas)
+            except BackendError as exc:
+                self._error, self.done = exc, True
+                break
+        return deltas
+
+    def _chunk(self, chunk: dict[str, Any], deltas: list[TextDelta]) -> None:
         if chunk.get("error"):
             raise BackendError(_message(chunk["error"]))
-        if chunk.get("usage"):
-            usage = Usage(
-                int(chunk["usage"].get("prompt_tokens") or 0),
-                int(chunk["usage"].get("completion_tokens") or 0),
+        usage = chunk.get("usage")
+        if usage:
+            self._usage = Usage(
+                int(usage.get("prompt_tokens") or 0), int(usage.get("completion_tokens") or 0)
             )
         for choice in chunk.get("choices") or ():
             text = (choice.get("delta") or {}).get("content")
             if text:
-                yield TextDelta(text)
+                deltas.append(TextDelta(text))
             if choice.get("finish_reason"):
-                reason = _reason(choice["finish_reason"])
-    else:
-        if reason is None:
+                self._reason = _reason(choice["finish_reason"])
+
+    def finish(self) -> Finished:
+        if self._error is not None:
+            raise self._error
+        if not self.done and self._reason is None:
             raise BackendError("the model server ended the stream early")
-    yield Finished(reason or FinishReason.STOP, usage)
+        return Finished(self._reason or FinishReason.STOP, self._usage)
 
 
 def _parse(data: bytes) -> dict[str, Any]:
     try:
-        chunk = json.loads(data)
+        chunk = json.loads(data.decode())  # a str skips json's encoding detection
     except ValueError as exc:
         raise BackendError("the model server sent a malformed chunk") from exc
     if not isinstance(chunk, dict):

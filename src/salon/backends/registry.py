@@ -85,8 +85,12 @@ class BackendRegistry:
             read_timeout_s=config.read_timeout_s,
         )
 
-    def backends(self) -> dict[str, TextBackend]:
-        return dict(self._backends)
+    async def warm_up(self) -> None:
+        """Load the embedded models now rather than on the first message."""
+        for route in self._routes.values():
+            load = getattr(route.backend, "load", None)
+            if load is not None:
+                await load(route.name, self._progress)
 
     async def close(self) -> None:
         for backend in self._backends.values():

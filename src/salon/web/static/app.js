@@ -158,7 +158,7 @@ async function api(method, path, body, { timeout = REQUEST_TIMEOUT_MS, auth = tr
   try {
     res = await fetch(path, init);
     text = await res.text();
-  } catch (err) {
+  } catch {
     if (controller.signal.aborted) {
       throw new ApiError(0, 'The server did not answer in time. Check that it is running and try again.', 'timeout');
     }
@@ -339,17 +339,20 @@ class StreamAttachment {
     try {
       for (;;) {
         const { value, done } = await reader.read();
-        if (done) return false;
-        buffer += value;
-        let start = 0;
+        if (done && !buffer.endsWith('\r')) return false;
+        // At the end, a trailing \r is a line end after all.
+        buffer += done ? '\n' : value;
+        let pos = 0;
+        const newline = /\r\n|\r|\n/g;
         for (;;) {
-          const nl = buffer.slice(start).search(/\r\n|\r|\n/);
-          if (nl < 0) break;
-          const lineEnd = start + nl;
+          newline.lastIndex = pos;
+          const found = newline.exec(buffer);
+          if (!found) break;
+          const lineEnd = found.index;
           // A lone \r at the end of the chunk might be the start of \r\n: wait for more.
-          if (buffer[lineEnd] === '\r' && lineEnd + 1 === buffer.length) break;
-          const line = buffer.slice(start, lineEnd);
-          start = lineEnd + (buffer.startsWith('\r\n', lineEnd) ? 2 : 1);
+          if (found[0] === '\r' && lineEnd + 1 === buffer.length) break;
+          const line = buffer.slice(pos, lineEnd);
+          pos = lineEnd + found[0].length;
           if (line === '') {
             if (event.data.length || event.type) {
               if (event.id !== null) this.lastEventId = event.id;
@@ -368,10 +371,11 @@ class StreamAttachment {
           else if (field === 'data') event.data.push(val);
           else if (field === 'id' && !val.includes('\0')) event.id = val;
         }
-        buffer = buffer.slice(start);
+        buffer = buffer.slice(pos);
+        if (done) return false;
       }
     } finally {
-      try { reader.cancel(); } catch { /* already closed */ }
+      reader.cancel().catch(() => { /* already closed or aborted */ });
     }
   }
 
@@ -537,25 +541,28 @@ $('sign-out').addEventListener('click', async () => {
 const models = { list: [], default: null };
 
 async function showApp() {
-  $('boot').hidden = true;
-  $('auth').hidden = true;
-  $('app').hidden = false;
-  document.body.dataset.screen = 'app';
-  const user = session.user;
-  $('user-name').textContent = user.username;
-  $('user-role').textContent = user.role === 'admin' ? 'Admin' : '';
-  $('user-avatar').textContent = (user.username[0] || '?').toUpperCase();
+  // Everything the first screen needs is loaded before it is shown: a message typed into
+  // a half-initialised app would otherwise be lost when the route is applied.
   try {
     const data = await api('GET', '/api/models');
     models.list = (data.data || []).map((m) => m.id);
     models.default = (data.data || []).find((m) => m.default)?.id ?? models.list[0] ?? null;
   } catch (err) {
+    if (!session.user) return; // the session ended meanwhile (401): the sign-in form is up
     models.list = [];
     models.default = null;
     toast(`Could not load the models: ${err.message}`);
   }
+  const user = session.user;
+  $('user-name').textContent = user.username;
+  $('user-role').textContent = user.role === 'admin' ? 'Admin' : '';
+  $('user-avatar').textContent = (user.username[0] || '?').toUpperCase();
   side.q = '';
   $('search').value = '';
+  $('boot').hidden = true;
+  $('auth').hidden = true;
+  $('app').hidden = false;
+  document.body.dataset.screen = 'app';
   loadConversations(true);
   await route();
 }
@@ -669,7 +676,7 @@ function startRename(li, conv) {
     if (save && title && title !== conv.title) {
       try {
         const updated = await api('PATCH', `/api/conversations/${encodeURIComponent(conv.id)}`, { title });
-        updateConvEverywhere(updated);
+        updateConvEverywhere(updated, ['title', 'updated_at']);
       } catch (err) {
         toast(`Could not rename: ${err.message}`);
       }
@@ -687,11 +694,15 @@ function startRename(li, conv) {
   input.select();
 }
 
-function updateConvEverywhere(conv) {
+/** Merge `fields` of a conversation the server sent into what is shown. Only the named
+ * fields: a late answer must not undo a change made meanwhile (e.g. the model picked). */
+function updateConvEverywhere(conv, fields) {
+  const pick = {};
+  for (const key of fields) if (key in conv) pick[key] = conv[key];
   const index = side.items.findIndex((c) => c.id === conv.id);
-  if (index >= 0) side.items[index] = { ...side.items[index], ...conv };
+  if (index >= 0) side.items[index] = { ...side.items[index], ...pick };
   if (chat.conv && chat.conv.id === conv.id) {
-    chat.conv = { ...chat.conv, ...conv };
+    Object.assign(chat.conv, pick);
     renderChatHeader();
   }
 }
@@ -814,6 +825,7 @@ function resetChat() {
   chat.messages = [];
   chat.hasMore = false;
   chat.loadingOlder = false;
+  chat.loading = false;
   chat.els.clear();
   chat.dirty.clear();
   $('message-list').replaceChildren();
@@ -860,12 +872,17 @@ $('model-picker').addEventListener('change', async () => {
   }
   const conv = chat.conv;
   const previous = conv.model;
-  conv.model = model; // a message sent before the PATCH returns already uses it
+  // Takes effect at once: a message sent before the PATCH returns already uses it.
+  conv.model = model;
+  const item = side.items.find((c) => c.id === conv.id);
+  if (item) item.model = model;
   try {
-    const updated = await api('PATCH', `/api/conversations/${encodeURIComponent(conv.id)}`, { model });
-    updateConvEverywhere(updated);
+    await api('PATCH', `/api/conversations/${encodeURIComponent(conv.id)}`, { model });
   } catch (err) {
-    if (chat.conv === conv) conv.model = previous;
+    if (conv.model === model) {
+      conv.model = previous;
+      if (item) item.model = previous;
+    }
     toast(`Could not change the model: ${err.message}`);
     renderChatHeader();
   }
@@ -986,6 +1003,7 @@ function messageEl(msg) {
 
 function fillMessageEl(el, msg) {
   el.dataset.status = msg.status;
+  el.classList.remove('editing');
   const body = h('div', { class: 'msg-body' });
   const content = h('div', { class: msg.role === 'user' ? 'msg-content plain' : 'msg-content markdown', 'data-testid': 'message-content' });
   if (msg.role === 'user') {
@@ -1093,9 +1111,14 @@ function rerender(msg) {
   if (el) fillMessageEl(el, msg);
 }
 
-/** Repaint the action bars (which depend on what is last and what is running). */
-function rerenderAll() {
-  for (const msg of chat.messages) rerender(msg);
+/** Repaint only the action bars, which depend on what is last and what is running
+ * (cheap: no markdown is rendered again, however many messages are loaded). */
+function refreshActions() {
+  for (const msg of chat.messages) {
+    const el = chat.els.get(String(msg.id));
+    if (!el || el.classList.contains('editing')) continue;
+    el.querySelector(':scope > .msg-body > .msg-actions')?.replaceWith(actionsBar(msg));
+  }
 }
 
 function streamingText(msg) {
@@ -1107,16 +1130,23 @@ function streamingText(msg) {
 }
 
 // Streaming repaint: at most once per animation frame, only the text of running messages.
+// Each repaint re-renders the whole markdown of the message; when that gets expensive (a
+// very long answer) repaints are spaced out so that rendering stays under ~20% of the time.
 let frameRequested = false;
+let repaintCost = 0;
+let repaintEnd = 0;
 function scheduleRepaint(id) {
   chat.dirty.add(String(id));
   if (frameRequested) return;
   frameRequested = true;
-  requestAnimationFrame(repaint);
+  const wait = repaintCost * 4 - (performance.now() - repaintEnd);
+  if (wait > 16) setTimeout(() => requestAnimationFrame(repaint), wait);
+  else requestAnimationFrame(repaint);
 }
 
 function repaint() {
   frameRequested = false;
+  const started = performance.now();
   const stick = nearBottom();
   for (const id of chat.dirty) {
     const msg = chat.messages.find((m) => String(m.id) === id);
@@ -1130,6 +1160,8 @@ function repaint() {
   }
   chat.dirty.clear();
   if (stick) scrollToBottom();
+  repaintEnd = performance.now();
+  repaintCost = repaintEnd - started;
 }
 
 // --- streams --------------------------------------------------------------------------
@@ -1198,7 +1230,8 @@ function finishMessage(id, final) {
   const stick = nearBottom();
   chat.messages[index] = { ...chat.messages[index], ...final };
   chat.dirty.delete(String(id));
-  rerenderAll();
+  rerender(chat.messages[index]);
+  refreshActions();
   updateComposer();
   if (stick) scrollToBottom();
 }
@@ -1213,11 +1246,12 @@ function replaceMessage(msg) {
 async function send() {
   const composer = $('composer');
   const text = composer.value;
-  if (!text.trim() || isGenerating() || chat.sending) return;
+  if (!text.trim() || isGenerating() || chat.sending || chat.loading) return;
   chat.sending = true;
   composer.value = '';
   autosize();
   updateComposer();
+  $('message-list').querySelector('[data-testid="send-error"]')?.remove();
   const token = chat.token;
   try {
     let conv = chat.conv;
@@ -1243,9 +1277,9 @@ async function send() {
     const list = $('message-list');
     list.append(messageEl(result.user_message), messageEl(result.assistant_message));
     $('empty-state').hidden = true;
-    rerenderAll();
+    refreshActions();
     scrollToBottom();
-    attach(result.assistant_message);
+    if (result.assistant_message.status === 'streaming') attach(result.assistant_message);
     bumpConversation({ ...conv, updated_at: result.user_message.created_at || conv.updated_at });
     refreshConversation(conv.id); // the server may have titled it after the first message
   } catch (err) {
@@ -1274,7 +1308,7 @@ function showInlineError(message) {
 async function refreshConversation(id) {
   try {
     const conv = await api('GET', `/api/conversations/${encodeURIComponent(id)}`);
-    updateConvEverywhere(conv);
+    updateConvEverywhere(conv, ['title']);
     renderConvList();
   } catch { /* not important */ }
 }
@@ -1317,9 +1351,9 @@ async function regenerate(msg) {
     chat.messages[index] = fresh;
     const el = messageEl(fresh);
     old?.replaceWith(el);
-    rerenderAll();
+    refreshActions();
     scrollToBottom();
-    attach(fresh);
+    if (fresh.status === 'streaming') attach(fresh);
     updateComposer();
   } catch (err) {
     toast(`Could not regenerate: ${err.message}`);
@@ -1333,7 +1367,8 @@ async function continueMessage(msg) {
     const current = findMessage(msg.id);
     current.error = null;
     attach(current);
-    rerenderAll();
+    rerender(current);
+    refreshActions();
     updateComposer();
   } catch (err) {
     toast(`Could not continue: ${err.message}`);
@@ -1441,7 +1476,9 @@ async function loadOlder() {
     if (token !== chat.token) return;
     const older = (page.data || []).filter((m) => !chat.els.has(String(m.id)));
     chat.hasMore = Boolean(page.has_more) && older.length > 0;
-    // Keep what the user is looking at in place while content is added above it.
+    // Keep what the user is looking at in place while content is added above it. Chrome's
+    // scroll anchoring does it by itself unless we are at the very top (scrollTop 0); the
+    // correction below covers that case and is a no-op otherwise.
     const anchor = firstVisibleMessage();
     const before = anchor ? anchor.getBoundingClientRect().top : 0;
     const frag = document.createDocumentFragment();

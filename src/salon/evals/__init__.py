@@ -1,0 +1,1 @@
+"""Evaluations run by ``salon eval``: each returns a report object and renders markdown."""

@@ -1,0 +1,300 @@
+"""Train the shipped safety models and report cross-validated numbers.
+
+    python -m salon.safety.train            # CV report + rewrite the artefacts in data/
+    python -m salon.safety.train --check    # CV report only, artefacts untouched
+    python -m salon.safety.train --compare  # also compare feature sets / regularisation
+
+Needs scikit-learn (training only; serving is stdlib). Deterministic: fixed fold seeds, a
+deterministic solver, rounded weights and a gzip header without a timestamp, so re-running on
+the same data rewrites byte-identical artefacts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import math
+import sys
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from scipy.sparse import csr_matrix
+from sklearn.linear_model import LogisticRegression
+from sklearn.model_selection import StratifiedGroupKFold
+
+from salon.safety._linear import FeatureConfig, LinearTextModel, raw_counts, save_models, tfidf
+from salon.safety.datasets import DATA, PromptRow, training_prompts
+from salon.safety.harm import HARM_ARTEFACT
+from salon.safety.refusal import EARLY_CHARS, REFUSAL_ARTEFACT, phrase_features
+from salon.safety.stats import wilson
+
+SEED = 20240604
+FOLDS = 5
+HARM_CONFIG = FeatureConfig(word_ngrams=2, char_min=3, char_max=5, max_chars=2000)
+HARM_C = 8.0
+REFUSAL_CONFIG = FeatureConfig(word_ngrams=2, char_min=0, char_max=0, max_chars=1500)
+REFUSAL_C = 4.0
+MIN_DF = 2
+REFUSAL_FILES = ("refusal.csv", "refusal_extra.csv", "written_responses.csv")
+
+Counts = Counter[str]
+
+
+def fit(
+    docs: Sequence[Counts],
+    labels: Sequence[str],
+    classes: Sequence[str],
+    config: FeatureConfig,
+    c: float,
+) -> LinearTextModel:
+    """Vocabulary and IDF from these documents only, then a logistic regression on them."""
+    df = Counter(t for d in docs for t in d)
+    vocab = sorted(t for t, n in df.items() if n >= MIN_DF)
+    n = len(docs)
+    idf = {t: math.log((1 + n) / (1 + df[t])) + 1.0 for t in vocab}
+    x = _matrix(docs, idf, {t: i for i, t in enumerate(vocab)})
+    y = np.array([classes.index(label) for label in labels])
+    binary = len(classes) == 2
+    lr = LogisticRegression(
+        C=c, class_weight="balanced", max_iter=5000, solver="liblinear" if binary else "lbfgs"
+    )
+    lr.fit(x, y)
+    coef = lr.coef_
+    return LinearTextModel(
+        config=config,
+        classes=tuple(classes),
+        intercepts=tuple(float(v) for v in lr.intercept_),
+        idf=idf,
+        weights={
+            t: tuple(float(coef[k, i]) for k in range(coef.shape[0])) for i, t in enumerate(vocab)
+        },
+    )
+
+
+def _matrix(docs: Sequence[Counts], idf: dict[str, float], index: dict[str, int]) -> csr_matrix:
+    rows, cols, vals = [], [], []
+    for r, d in enumerate(docs):
+        for t, v in tfidf(d, idf).items():
+            rows.append(r)
+            cols.append(index[t])
+            vals.append(v)
+    return csr_matrix((vals, (rows, cols)), shape=(len(docs), len(index)))
+
+
+def out_of_fold(
+    docs: Sequence[Counts],
+    labels: Sequence[str],
+    groups: Sequence[str],
+    score: Callable[[LinearTextModel, Counts], float],
+    train: Callable[[list[Counts], list[str]], LinearTextModel],
+) -> list[float]:
+    """Each document scored by a model that never saw it nor its group (e.g. its XSTest twin)."""
+    cv = StratifiedGroupKFold(n_splits=FOLDS, shuffle=True, random_state=SEED)
+    out = [0.0] * len(docs)
+    for tr, te in cv.split(np.zeros(len(docs)), labels, groups):
+        model = train([docs[i] for i in tr], [labels[i] for i in tr])
+        for i in te:
+            out[i] = score(model, docs[i])
+    return out
+
+
+# --- harm -------------------------------------------------------------------------------------
+
+
+def harm_docs(rows: Sequence[PromptRow], config: FeatureConfig) -> list[Counts]:
+    return [raw_counts(r.prompt, config) for r in rows]
+
+
+def harm_cv(rows: Sequence[PromptRow], config: FeatureConfig, c: float) -> list[float]:
+    docs = harm_docs(rows, config)
+
+    def train(d: list[Counts], y: list[str]) -> LinearTextModel:
+        return fit(d, y, ("safe", "unsafe"), config, c)
+
+    return out_of_fold(
+        docs,
+        [r.label for r in rows],
+        [r.group for r in rows],
+        lambda m, d: m.probabilities(d)["unsafe"],
+        train,
+    )
+
+
+def harm_table(rows: Sequence[PromptRow], probs: Sequence[float], threshold: float) -> str:
+    lines = [
+        f"threshold {threshold}: over-refusal = safe scored >= t; harmful compliance = unsafe < t",
+        "",
+        "| source | safe n | over-refusal (95 % Wilson) | unsafe n "
+        "| harmful compliance (95 % Wilson) |",
+        "|---|---|---|---|---|",
+    ]
+    for source in [*sorted({r.source for r in rows}), "ALL"]:
+        sel = [(r, p) for r, p in zip(rows, probs, strict=True) if source in ("ALL", r.source)]
+        safe = [p for r, p in sel if not r.unsafe]
+        unsafe = [p for r, p in sel if r.unsafe]
+        fp = wilson(sum(p >= threshold for p in safe), len(safe))
+        fn = wilson(sum(p < threshold for p in unsafe), len(unsafe))
+        cells = [source, len(safe), fp if safe else "-", len(unsafe), fn if unsafe else "-"]
+        lines.append("| " + " | ".join(str(c) for c in cells) + " |")
+    return "\n".join(lines)
+
+
+def category_cv(rows: Sequence[PromptRow]) -> tuple[float, int]:
+    labelled = [r for r in rows if r.harm_category]
+    docs = harm_docs(labelled, HARM_CONFIG)
+    labels = [r.harm_category or "" for r in labelled]
+    classes = sorted(set(labels))
+
+    def train(d: list[Counts], y: list[str]) -> LinearTextModel:
+        return fit(d, y, classes, HARM_CONFIG, HARM_C)
+
+    def best(m: LinearTextModel, d: Counts) -> float:
+        probs = m.probabilities(d)
+        return float(classes.index(max(probs, key=lambda k: probs[k])))
+
+    predicted = out_of_fold(docs, labels, [r.group for r in labelled], best, train)
+    correct = sum(classes[int(p)] == y for p, y in zip(predicted, labels, strict=True))
+    return correct / len(labels), len(labels)
+
+
+def train_harm(rows: Sequence[PromptRow]) -> dict[str, LinearTextModel]:
+    docs = harm_docs(rows, HARM_CONFIG)
+    harm = fit(docs, [r.label for r in rows], ("safe", "unsafe"), HARM_CONFIG, HARM_C)
+    labelled = [(d, r.harm_category) for d, r in zip(docs, rows, strict=True) if r.harm_category]
+    cats = [c for _, c in labelled if c]
+    category = fit([d for d, _ in labelled], cats, sorted(set(cats)), HARM_CONFIG, HARM_C)
+    return {"harm": harm, "category": category}
+
+
+# --- refusal ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    text: str
+    refusal: bool
+    group: str
+
+
+def read_replies(names: Sequence[str] = REFUSAL_FILES) -> list[Reply]:
+    replies = []
+    for name in names:
+        with (DATA / name).open(newline="", encoding="utf-8") as f:
+            lines = (line for line in f if not line.startswith("#"))
+            for i, r in enumerate(csv.DictReader(lines)):
+                replies.append(
+                    Reply(r["assistant_response"], r["human_score"] == "1", f"{name}:{i}")
+                )
+    return replies
+
+
+def reply_views(replies: Sequence[Reply]) -> tuple[list[Counts], list[str], list[str], list[bool]]:
+    """Each reply twice: whole, and its first EARLY_CHARS (what early detection sees)."""
+    docs, labels, groups, early = [], [], [], []
+    for rep in replies:
+        for text, is_early in ((rep.text, False), (rep.text[:EARLY_CHARS], True)):
+            docs.append(raw_counts(text, REFUSAL_CONFIG, extra=phrase_features(text)))
+            labels.append("refusal" if rep.refusal else "answer")
+            groups.append(rep.group)
+            early.append(is_early)
+    return docs, labels, groups, early
+
+
+def f1(pred: Sequence[bool], gold: Sequence[bool]) -> tuple[float, float, float]:
+    tp = sum(p and g for p, g in zip(pred, gold, strict=True))
+    fp = sum(p and not g for p, g in zip(pred, gold, strict=True))
+    fn = sum(g and not p for p, g in zip(pred, gold, strict=True))
+    prec = tp / (tp + fp) if tp + fp else 0.0
+    rec = tp / (tp + fn) if tp + fn else 0.0
+    return (2 * prec * rec / (prec + rec) if prec + rec else 0.0), prec, rec
+
+
+def refusal_report(replies: Sequence[Reply]) -> str:
+    docs, labels, groups, early = reply_views(replies)
+
+    def train(d: list[Counts], y: list[str]) -> LinearTextModel:
+        return fit(d, y, ("answer", "refusal"), REFUSAL_CONFIG, REFUSAL_C)
+
+    probs = out_of_fold(docs, labels, groups, lambda m, d: m.probabilities(d)["refusal"], train)
+    gold = [y == "refusal" for y in labels]
+    lines = ["| view | n | F1 | precision | recall |", "|---|---|---|---|---|"]
+    for name, want in (("whole reply", False), (f"first {EARLY_CHARS} chars", True)):
+        idx = [i for i, e in enumerate(early) if e == want]
+        score = f1([probs[i] >= 0.5 for i in idx], [gold[i] for i in idx])
+        base = f1(
+            [any(t.startswith("p:xstest") for t in docs[i]) for i in idx], [gold[i] for i in idx]
+        )
+        for label, (f, p, r) in ((name, score), (f"{name}, XSTest phrase match alone", base)):
+            lines.append(f"| {label} | {len(idx)} | {f:.3f} | {p:.3f} | {r:.3f} |")
+    return "\n".join(lines)
+
+
+def train_refusal(replies: Sequence[Reply]) -> dict[str, LinearTextModel]:
+    docs, labels, _, _ = reply_views(replies)
+    return {"refusal": fit(docs, labels, ("answer", "refusal"), REFUSAL_CONFIG, REFUSAL_C)}
+
+
+# --- entry point ------------------------------------------------------------------------------
+
+
+def compare(rows: Sequence[PromptRow]) -> str:
+    variants = {
+        "word 1-2 + char 3-5": HARM_CONFIG,
+        "word 1-2 only": FeatureConfig(word_ngrams=2, char_min=0, char_max=0),
+        "char 3-5 only": FeatureConfig(word_ngrams=0, char_min=3, char_max=5),
+    }
+    lines = ["| features | C | over-refusal @0.5 | harmful compliance @0.5 |", "|---|---|---|---|"]
+    for name, config in variants.items():
+        for c in (2.0, 8.0, 32.0):
+            probs = harm_cv(rows, config, c)
+            fp = wilson(
+                sum(p >= 0.5 for r, p in zip(rows, probs, strict=True) if not r.unsafe),
+                sum(not r.unsafe for r in rows),
+            )
+            fn = wilson(
+                sum(p < 0.5 for r, p in zip(rows, probs, strict=True) if r.unsafe),
+                sum(r.unsafe for r in rows),
+            )
+            lines.append(f"| {name} | {c:g} | {fp} | {fn} |")
+    return "\n".join(lines)
+
+
+def report(rows: Sequence[PromptRow], replies: Sequence[Reply], with_compare: bool) -> str:
+    probs = harm_cv(rows, HARM_CONFIG, HARM_C)
+    acc, n_cat = category_cv(rows)
+    parts = [
+        f"## Harm classifier ({FOLDS}-fold stratified CV grouped by contrast pair, seed {SEED})",
+        *(harm_table(rows, probs, t) for t in (0.5, 0.8)),
+        f"Category head: CV accuracy {acc:.3f} on {n_cat} harmful prompts with a mapped category.",
+        f"## Refusal detector ({FOLDS}-fold CV grouped by reply)",
+        refusal_report(replies),
+    ]
+    if with_compare:
+        parts += ["## Feature sets compared (CV)", compare(rows)]
+    return "\n\n".join(parts) + "\n"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m salon.safety.train", description=__doc__)
+    parser.add_argument("--check", action="store_true", help="report only; keep the artefacts")
+    parser.add_argument("--compare", action="store_true", help="also compare feature sets")
+    args = parser.parse_args(argv)
+    rows = training_prompts()
+    replies = read_replies()
+    text = report(rows, replies, args.compare)
+    sys.stdout.write(text)
+    if not args.check:
+        meta: dict[str, Any] = {"seed": SEED, "rows": len(rows), "trainer": "salon.safety.train"}
+        save_models(HARM_ARTEFACT, train_harm(rows), meta | {"C": HARM_C})
+        save_models(
+            REFUSAL_ARTEFACT, train_refusal(replies), meta | {"rows": len(replies), "C": REFUSAL_C}
+        )
+        (DATA / "training_report.md").write_text(text, encoding="utf-8")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,60 @@
+import pytest
+
+from salon.errors import ConfigError
+from salon.safety.harm import Assessment
+from salon.safety.policy import Action, Policy
+
+POLICY = Policy.from_mapping(
+    {
+        "refuse_at": 0.8,
+        "message": "I can't help with that.",
+        "categories": {
+            "self_harm": {"refuse_at": 0.6, "message": "Please call 988."},
+            "sexual": {"action": "allow"},
+        },
+    }
+)
+
+
+def test_confident_harm_is_refused_with_the_default_message() -> None:
+    decision = POLICY.decide(Assessment(0.9, "weapons"))
+    assert decision.refused and decision.message == "I can't help with that."
+
+
+def test_below_threshold_is_allowed_and_carries_no_message() -> None:
+    decision = POLICY.decide(Assessment(0.79, "weapons"))
+    assert decision.action is Action.ALLOW and decision.message is None
+
+
+def test_category_threshold_and_alternative() -> None:
+    decision = POLICY.decide(Assessment(0.65, "self_harm"))
+    assert decision.refused and "988" in (decision.message or "")
+
+
+def test_category_can_turn_blocking_off() -> None:
+    assert not POLICY.decide(Assessment(0.99, "sexual")).refused
+
+
+def test_benign_is_never_blocked_even_without_category() -> None:
+    assert not POLICY.decide(Assessment(0.2, None)).refused
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"refuse_at": 0.3, "message": "no"},  # would block turns the classifier thinks benign
+        {"refuse_at": 0.8, "message": ""},  # a refusal needs a message
+        {"refuse_at": 0.8, "message": "x", "action": "shout"},
+        {"message": "x", "categories": {"cyber": {"refuse_at": 1.5}}},
+    ],
+)
+def test_invalid_policies_are_config_errors(bad: dict[str, object]) -> None:
+    with pytest.raises(ConfigError):
+        Policy.from_mapping(bad)
+
+
+def test_shipped_policy_loads_and_offers_crisis_resources() -> None:
+    policy = Policy.load()
+    message = policy.rule("self_harm").message
+    assert "988" in message and policy.rule("self_harm").refuse_at <= policy.default.refuse_at
+    assert all(r.message.strip() for r in policy.categories.values())
