@@ -75,3 +75,9 @@ async def engine(database_url: str) -> AsyncIterator[AsyncEngine]:
             await conn.execute(table.delete())
     yield engine
     await engine.dispose()
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """End-to-end tests run last: Playwright's sync API keeps an event loop running in the
+    main thread while its browser lives, which asyncio tests after it cannot share."""
+    items.sort(key=lambda item: "tests/e2e/" in str(item.path).replace("\\", "/"))

@@ -89,9 +89,11 @@ def create_app(settings: Settings, progress: Progress | None = None) -> Starlett
             yield
 
     routes = [
+        # The OpenAI-compatible routes first: they are the hot path, and Starlette matches
+        # routes in order.
+        *openai_routes.routes(),
         *account_routes.routes(),
         *conversation_routes.routes(),
-        *openai_routes.routes(),
         *web.routes(),
     ]
     return Starlette(routes=routes, exception_handlers=HANDLERS, lifespan=lifespan)

@@ -292,21 +292,22 @@ class ConversationStore:
         wanted = set(parents)
         ids = [p for p in wanted if p is not None]
         m = messages.c
+        # Two index lookups rather than one `IN (...) OR IS NULL`, which SQLite answers by
+        # scanning the whole conversation.
         conditions = []
         if ids:
             conditions.append(m.parent_id.in_(ids))
         if None in wanted:
             conditions.append(m.parent_id.is_(None))
-        if not conditions:
-            return {}
-        stmt = (
-            sa.select(m.id, m.parent_id)
-            .where(m.conversation_id == conversation_id, sa.or_(*conditions))
-            .order_by(m.id)
-        )
         found: dict[int | None, list[int]] = {}
-        for row in await conn.execute(stmt):
-            found.setdefault(row.parent_id, []).append(row.id)
+        for condition in conditions:
+            stmt = (
+                sa.select(m.id, m.parent_id)
+                .where(m.conversation_id == conversation_id, condition)
+                .order_by(m.id)
+            )
+            for row in await conn.execute(stmt):
+                found.setdefault(row.parent_id, []).append(row.id)
         return {parent: tuple(children) for parent, children in found.items()}
 
     async def newest_leaf_under(self, user_id: str, message_id: int) -> MessageRecord:
