@@ -37,6 +37,7 @@ from typing import Any
 
 import xllamacpp
 
+import report as bench_report  # bench/report.py: bench/ is sys.path[0] as a script
 from salon.backends.embedded import EmbeddedBackend, resolve_threads, runtime_params
 from salon.backends.model_files import builtin_catalog
 from salon.domain import ChatMessage, CompletionRequest, Finished, SamplingParams, TextDelta
@@ -306,6 +307,7 @@ def main(argv: Sequence[str] | None = None) -> BenchResult:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--reply-tokens", type=int, default=48, help="reply length per turn")
     parser.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE)
+    parser.add_argument("--no-write", action="store_true", help="do not touch docs/benchmarks.md")
     args = parser.parse_args(argv)
     result = asyncio.run(
         run(
@@ -319,7 +321,10 @@ def main(argv: Sequence[str] | None = None) -> BenchResult:
     )
     raw = sys.argv[1:] if argv is None else list(argv)
     command = shlex.join(["python", "bench/embedded.py", *raw])
-    print(markdown(result, command))
+    section = markdown(result, command)
+    print(section)
+    if not args.no_write:
+        bench_report.write_section(f"embedded-{args.model}", section)
     return result
 
 

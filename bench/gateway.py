@@ -46,9 +46,9 @@ from pathlib import Path
 
 import aiohttp
 
+import report as bench_report  # bench/report.py: bench/ is sys.path[0] as a script
+
 REPO = Path(__file__).resolve().parents[1]
-DOC = REPO / "docs" / "benchmarks.md"
-START, END = "<!-- bench:gateway -->", "<!-- /bench:gateway -->"
 PASSWORD = "bench-password-123"
 USERNAME = "bench"
 # A content chunk: `"content": "<at least one character>` (any JSON spacing).
@@ -488,19 +488,8 @@ def machine() -> str:
     return f"{os.cpu_count()} × {cpu}, Python {platform.python_version()}, {', '.join(versions)}"
 
 
-def write_section(section: str, path: Path = DOC) -> None:
-    """Replaces only the text between this benchmark's markers (or appends it)."""
-    block = f"{START}\n{section.strip()}\n{END}"
-    empty = "# Benchmarks\n\nNumbers measured with `bench/`.\n"
-    text = path.read_text() if path.exists() else empty
-    if START in text and END in text:
-        head, rest = text.split(START, 1)
-        _, tail = rest.split(END, 1)
-        text = head + block + tail
-    else:
-        text = text.rstrip("\n") + "\n\n" + block + "\n"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text)
+def write_section(section: str) -> None:
+    bench_report.write_section("gateway", section)
 
 
 # -- main ----------------------------------------------------------------------------------
@@ -640,7 +629,7 @@ load, {rss_end:.0f} MB after.
     print(section)
     if not args.no_write:
         write_section(section)
-        print(f"wrote {DOC.relative_to(REPO)}")
+        print(f"wrote {bench_report.DOC.relative_to(REPO)}")
     return 0
 
 

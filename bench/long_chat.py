@@ -51,12 +51,11 @@ from typing import Any
 
 import sqlalchemy as sa
 
+import report as bench_report  # bench/report.py: bench/ is sys.path[0] as a script
 from salon.store.db import create_engine, migrate
 from salon.store.tables import conversations, messages, users
 
 REPO = Path(__file__).resolve().parents[1]
-DOC = REPO / "docs" / "benchmarks.md"
-START, END = "<!-- bench:long-chat -->", "<!-- /bench:long-chat -->"
 USERNAME = "longchat"
 PASSWORD = "long-chat-password"
 CHROMIUM = os.environ.get("SALON_E2E_CHROMIUM", "/usr/bin/chromium")
@@ -424,18 +423,8 @@ def measure_ui(base: str, conversation_id: str, last_id: int, runs: int) -> tupl
 # -- report ------------------------------------------------------------------------------
 
 
-def write_section(section: str, path: Path = DOC) -> None:
-    block = f"{START}\n{section.strip()}\n{END}"
-    empty = "# Benchmarks\n\nNumbers measured with `bench/`.\n"
-    text = path.read_text() if path.exists() else empty
-    if START in text and END in text:
-        head, rest = text.split(START, 1)
-        _, tail = rest.split(END, 1)
-        text = head + block + tail
-    else:
-        text = text.rstrip("\n") + "\n\n" + block + "\n"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text)
+def write_section(section: str) -> None:
+    bench_report.write_section("long-chat", section)
 
 
 def machine() -> str:
@@ -547,7 +536,7 @@ Machine: {machine()}; {datetime.now(UTC):%Y-%m-%d}.
     print(section)
     if not args.no_write:
         write_section(section)
-        print(f"wrote {DOC.relative_to(REPO)}")
+        print(f"wrote {bench_report.DOC.relative_to(REPO)}")
     return 0
 
 
