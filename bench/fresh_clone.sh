@@ -29,7 +29,7 @@ model_id=$(curl -s -H "Authorization: Bearer $key" "http://127.0.0.1:$port/v1/mo
 t_ask=$(now)
 curl -sN -H "Authorization: Bearer $key" -H 'content-type: application/json' \
   -d "{\"model\":\"$model_id\",\"stream\":true,\"max_tokens\":16,\"messages\":[{\"role\":\"user\",\"content\":\"Say hello.\"}]}" \
-  "http://127.0.0.1:$port/v1/chat/completions" | grep -m1 '"content": "[^"]' >/dev/null
+  "http://127.0.0.1:$port/v1/chat/completions" | grep -m1 '"content": *"[^"]' >/dev/null
 t_token=$(now)
 python3 - "$t0" "$t_up" "$t_ask" "$t_token" "$model_id" <<'PY'
 import sys
