@@ -21,3 +21,10 @@ def write_section(name: str, section: str, path: Path = DOC) -> None:
         text = text.rstrip("\n") + "\n\n" + block + "\n"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text)
+
+
+if __name__ == "__main__":
+    # `python bench/report.py NAME < section.md`, for benchmarks written in shell.
+    import sys
+
+    write_section(sys.argv[1], sys.stdin.read())
