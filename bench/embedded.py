@@ -270,7 +270,7 @@ def _verdict(ok: bool) -> str:
 
 def markdown(result: BenchResult, command: str) -> str:
     lines = [
-        f"### Embedded backend: {result.model}",
+        f"## Embedded backend: {result.model}",
         "",
         f"{platform.machine()}, {os.cpu_count()} cores, {result.threads} threads, "
         f"xllamacpp {xllamacpp.__version__}; medians of {len(result.backend)} runs; "
