@@ -9,19 +9,24 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
 from starlette.applications import Starlette
+from starlette.middleware import Middleware
 
 from salon import web
 from salon.accounts.service import AccountService
 from salon.api import accounts as account_routes
 from salon.api import conversations as conversation_routes
+from salon.api import metrics as metrics_routes
 from salon.api import openai as openai_routes
 from salon.api.context import Services
 from salon.api.errors import HANDLERS
+from salon.api.middleware import ObservabilityMiddleware
 from salon.backends.registry import BackendRegistry
 from salon.chat.gateway import Gateway
 from salon.chat.jobs import JobRunner
+from salon.chat.safety import SafetyGate
 from salon.chat.service import ChatLimits, ChatService, utcnow
 from salon.errors import SalonError
+from salon.observability.metrics import Metrics
 from salon.settings import Settings
 from salon.store.accounts import AccountStore
 from salon.store.conversations import ConversationStore
@@ -30,27 +35,36 @@ from salon.store.db import create_engine, migrate
 log = logging.getLogger(__name__)
 
 Progress = Callable[[str], None]
+LOOPBACK = frozenset({"127.0.0.1", "::1", "localhost"})
 
 
 @asynccontextmanager
 async def services(
-    settings: Settings, progress: Progress | None = None, *, warm_up: bool = False
+    settings: Settings,
+    progress: Progress | None = None,
+    *,
+    warm_up: bool = False,
+    metrics: Metrics | None = None,
 ) -> AsyncIterator[Services]:
     """Build every service on a migrated store; tear them down in reverse order.
-    With `warm_up`, embedded models load in the background while requests are served."""
+    With `warm_up`, embedded models load in the background while requests are served.
+    With `metrics`, every backend is measured into it."""
     engine = create_engine(settings.database)
     await migrate(engine)
     conversations = ConversationStore(engine)
     interrupted = await conversations.mark_interrupted()
     if interrupted:
         log.info("%d generations were interrupted by the last shutdown", interrupted)
-    registry = BackendRegistry(settings, progress)
+    registry = BackendRegistry(settings, progress, metrics)
     runner = JobRunner(conversations, settings.flush_interval_s, utcnow)
     limits = ChatLimits(
         max_message_chars=settings.max_message_chars,
         context_max_chars=settings.context_max_chars,
         system_prompt=settings.system_prompt,
     )
+    safety = SafetyGate() if settings.safety_enabled else None
+    if safety is not None and warm_up:
+        await asyncio.to_thread(safety.warm_up)
     loading = asyncio.create_task(_warm_up(registry)) if warm_up else None
     try:
         yield Services(
@@ -59,8 +73,8 @@ async def services(
                 session_days=settings.session_days,
                 signup_default=settings.signup_open,
             ),
-            chat=ChatService(conversations, registry, runner, limits),
-            gateway=Gateway(registry),
+            chat=ChatService(conversations, registry, runner, limits, safety=safety),
+            gateway=Gateway(registry, safety),
             max_body_bytes=settings.max_body_bytes,
             secure_cookies=settings.secure_cookies,
             session_days=settings.session_days,
@@ -82,9 +96,14 @@ async def _warm_up(registry: BackendRegistry) -> None:
 
 
 def create_app(settings: Settings, progress: Progress | None = None) -> Starlette:
+    metrics = Metrics()  # its own registry: one per app, nothing global
+    token = settings.metrics_token.get_secret_value() if settings.metrics_token else None
+    if token is None and settings.host not in LOOPBACK:
+        log.warning("GET /metrics is open on %s; set metrics_token to protect it", settings.host)
+
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        async with services(settings, progress, warm_up=True) as built:
+        async with services(settings, progress, warm_up=True, metrics=metrics) as built:
             app.state.services = built
             yield
 
@@ -94,6 +113,12 @@ def create_app(settings: Settings, progress: Progress | None = None) -> Starlett
         *openai_routes.routes(),
         *account_routes.routes(),
         *conversation_routes.routes(),
+        *metrics_routes.routes(metrics, token),
         *web.routes(),
     ]
-    return Starlette(routes=routes, exception_handlers=HANDLERS, lifespan=lifespan)
+    return Starlette(
+        routes=routes,
+        exception_handlers=HANDLERS,
+        lifespan=lifespan,
+        middleware=[Middleware(ObservabilityMiddleware, metrics=metrics)],
+    )

@@ -13,6 +13,7 @@ from salon import __version__
 from salon.app import create_app, services
 from salon.domain import ChatMessage, SamplingParams, TextDelta
 from salon.errors import SalonError
+from salon.observability.logs import configure_logging
 from salon.settings import Settings
 from salon.store.db import create_engine, migrate
 
@@ -93,6 +94,7 @@ def _serve(settings: Settings, args: argparse.Namespace) -> int:
         settings.host = args.host
     if args.port:
         settings.port = args.port
+    configure_logging(settings.log_level, settings.log_format)
     _prepare(settings, settings.models)
     app = create_app(settings, progress)
     progress(f"salon is starting on http://{settings.host}:{settings.port}")
@@ -101,6 +103,10 @@ def _serve(settings: Settings, args: argparse.Namespace) -> int:
         host=settings.host,
         port=settings.port,
         log_level=settings.log_level,
+        # Logging is configured above (text or JSON, with request ids); requests are logged
+        # by salon's middleware (salon.access) instead of uvicorn's access log.
+        log_config=None,
+        access_log=False,
         timeout_graceful_shutdown=10,
     )
     return 0

@@ -74,6 +74,14 @@ class Settings(BaseSettings):
     # How often a running generation writes its text to the store.
     flush_interval_s: float = 0.25
     log_level: str = "info"
+    # "json": one JSON object per line (time, level, logger, message, request_id, fields).
+    # The harm gate and refusal recovery (issue 4). Off by default until the classifier stops
+    # flagging short everyday messages; see docs/benchmarks.md.
+    safety_enabled: bool = False
+    log_format: Literal["text", "json"] = "text"
+    # When set, GET /metrics needs `Authorization: Bearer <metrics_token>`; unset, it is
+    # open (fine on 127.0.0.1; set it when salon listens on other interfaces).
+    metrics_token: SecretStr | None = None
 
     @field_validator("models", mode="before")
     @classmethod

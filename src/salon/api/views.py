@@ -62,4 +62,6 @@ def message(record: MessageRecord) -> dict[str, Any]:
         "created_at": when(record.created_at),
         "siblings": list(record.siblings),
         "usage": usage,
+        # Set when salon's safety layer answered or intervened (e.g. {"action": "blocked"}).
+        "safety": record.safety,
     }

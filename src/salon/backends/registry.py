@@ -8,8 +8,10 @@ from dataclasses import dataclass
 
 from salon.backends.base import TextBackend
 from salon.backends.fakes import FakeBackend
+from salon.backends.instrumented import InstrumentedBackend
 from salon.backends.openai_http import OpenAIHttpBackend
 from salon.errors import ConfigError, UnknownModel
+from salon.observability.metrics import Metrics
 from salon.settings import ProviderSettings, Settings
 
 Progress = Callable[[str], None]
@@ -25,14 +27,21 @@ class ModelRoute:
     id: str  # provider:model, as configured
     provider: str
     name: str  # what the backend calls it
-    backend: TextBackend
+    backend: TextBackend  # measured when the registry has metrics
 
 
 class BackendRegistry:
-    def __init__(self, settings: Settings, progress: Progress | None = None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        progress: Progress | None = None,
+        metrics: Metrics | None = None,
+    ) -> None:
         self._settings = settings
         self._progress = progress
-        self._backends: dict[str, TextBackend] = {}
+        self._metrics = metrics
+        self._backends: dict[str, TextBackend] = {}  # as built, unwrapped
+        self._measured: dict[str, TextBackend] = {}
         self._routes: dict[str, ModelRoute] = {}
         for model_id in settings.models:
             provider, _, name = model_id.partition(":")
@@ -63,8 +72,14 @@ class BackendRegistry:
                     f"provider {provider!r} is not configured "
                     f"(set SALON_PROVIDERS__{provider.upper()}__BASE_URL)"
                 )
-            self._backends[provider] = self._build(provider, config)
-        return self._backends[provider]
+            built = self._build(provider, config)
+            self._backends[provider] = built
+            self._measured[provider] = (
+                built
+                if self._metrics is None
+                else InstrumentedBackend(built, provider, self._metrics)
+            )
+        return self._measured[provider]
 
     def _build(self, provider: str, config: ProviderSettings) -> TextBackend:
         if config.kind == "fake":
@@ -88,7 +103,7 @@ class BackendRegistry:
     async def warm_up(self) -> None:
         """Load the embedded models now rather than on the first message."""
         for route in self._routes.values():
-            load = getattr(route.backend, "load", None)
+            load = getattr(self._backends[route.provider], "load", None)
             if load is not None:
                 await load(route.name, self._progress)
 

@@ -13,12 +13,14 @@ import asyncio
 import bisect
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from dataclasses import dataclass, replace
 from datetime import datetime
+from typing import Any
 
 from salon.backends.registry import ModelRoute
-from salon.domain import CompletionRequest, MessageStatus, TextDelta, Usage
+from salon.chat.safety import Recovery
+from salon.domain import CompletionRequest, MessageStatus, StreamEvent, TextDelta, Usage
 from salon.errors import SalonError
 from salon.store.conversations import ConversationStore
 
@@ -56,6 +58,8 @@ class GenerationJob:
         self.task: asyncio.Task[None] | None = None
         # What a cancellation means: the user pressed stop, or the server is going down.
         self.cancel_status = MessageStatus.STOPPED
+        # What the safety layer did (e.g. a recovery from a refusal), stored with the answer.
+        self.safety: dict[str, Any] | None = None
 
     @property
     def length(self) -> int:
@@ -121,10 +125,15 @@ class JobRunner:
         route: ModelRoute,
         request: CompletionRequest,
         initial_text: str = "",
+        recovery: Recovery | None = None,
     ) -> GenerationJob:
+        """With `recovery`, the start of the answer is held back until the refusal detector
+        has judged it; a refusal is then dropped and the request re-asked once."""
         job = GenerationJob(message_id, conversation_id, initial_text)
         self._jobs[message_id] = job
-        job.task = asyncio.create_task(self._run(job, route, request), name=f"job-{message_id}")
+        job.task = asyncio.create_task(
+            self._run(job, route, request, recovery), name=f"job-{message_id}"
+        )
         return job
 
     async def stop(self, message_id: int, status: MessageStatus = MessageStatus.STOPPED) -> bool:
@@ -141,9 +150,15 @@ class JobRunner:
         for message_id in list(self._jobs):
             await self.stop(message_id, MessageStatus.INCOMPLETE)
 
-    async def _run(self, job: GenerationJob, route: ModelRoute, request: CompletionRequest) -> None:
+    async def _run(
+        self,
+        job: GenerationJob,
+        route: ModelRoute,
+        request: CompletionRequest,
+        recovery: Recovery | None = None,
+    ) -> None:
         try:
-            usage = await self._generate(job, route, request)
+            usage = await self._generate(job, route, request, recovery)
             await self._finish(job, MessageStatus.COMPLETE, usage=usage)
         except asyncio.CancelledError:
             await self._finish(job, job.cancel_status)
@@ -158,11 +173,39 @@ class JobRunner:
             self._jobs.pop(job.message_id, None)
 
     async def _generate(
-        self, job: GenerationJob, route: ModelRoute, request: CompletionRequest
+        self,
+        job: GenerationJob,
+        route: ModelRoute,
+        request: CompletionRequest,
+        recovery: Recovery | None = None,
     ) -> Usage | None:
+        if recovery is None or job.length:
+            return await self._relay(job, route.backend.stream(request))
+        stream = _Timed(route.backend.stream(request))
+        try:
+            held, usage, ended = await _hold(stream, recovery)
+            verdict = recovery.judge(held, finished=ended)
+            if recovery.is_refusal(verdict):
+                # Never shown to anyone: the job's text is still empty. Stop the first
+                # generation, then ask once more with the clarifying instruction.
+                await stream.aclose()
+                retry = replace(request, messages=recovery.reask(request.messages))
+                usage = await self._relay(job, route.backend.stream(retry))
+                job.safety = recovery.note(verdict, recovery.judge(job.text(), finished=True))
+                log.info("message %s: recovered from a refusal (%s)", job.message_id, job.safety)
+                return usage
+            if held:
+                job.append(held)
+            if ended:
+                return usage
+            return await self._relay(job, stream.rest())
+        finally:
+            await stream.aclose()
+
+    async def _relay(self, job: GenerationJob, events: AsyncIterator[StreamEvent]) -> Usage | None:
         last_flush = time.monotonic()
         usage: Usage | None = None
-        async for event in route.backend.stream(request):
+        async for event in events:
             if isinstance(event, TextDelta):
                 job.append(event.text)
                 if time.monotonic() - last_flush >= self._flush_interval_s:
@@ -193,7 +236,83 @@ class JobRunner:
                     error=error,
                     usage=usage,
                     now=self._clock(),
+                    safety=job.safety,
                 )
             )
         finally:
             job.end(status, error, code)
+
+
+class _End:
+    pass
+
+
+_END = _End()
+_TICK = _End()  # no event within the timeout; the wait for it goes on
+
+
+async def _next(events: AsyncIterator[StreamEvent]) -> StreamEvent | _End:
+    try:
+        return await anext(events)
+    except StopAsyncIteration:
+        return _END
+
+
+class _Timed:
+    """A backend stream read with timeouts that do not cancel the read: a late event is
+    kept for the next call rather than lost (cancelling would end the backend's generator)."""
+
+    def __init__(self, events: AsyncGenerator[StreamEvent, None]) -> None:
+        self._events = events
+        self._pending: asyncio.Task[StreamEvent | _End] | None = None
+        self._closed = False
+
+    async def next(self, wait_s: float | None) -> StreamEvent | _End:
+        """The next event, `_END` at the end, or `_TICK` if none came within `wait_s`."""
+        if self._pending is None:
+            self._pending = asyncio.ensure_future(_next(self._events))
+        done, _ = await asyncio.wait({self._pending}, timeout=wait_s)
+        if not done:
+            return _TICK
+        pending, self._pending = self._pending, None
+        return pending.result()
+
+    async def rest(self) -> AsyncIterator[StreamEvent]:
+        while not isinstance(event := await self.next(None), _End):
+            yield event
+
+    async def aclose(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        if self._pending is not None:
+            self._pending.cancel()
+            await asyncio.wait({self._pending})
+            self._pending = None
+        await self._events.aclose()
+
+
+async def _hold(stream: _Timed, recovery: Recovery) -> tuple[str, Usage | None, bool]:
+    """The start of the answer, held back until the refusal detector can judge it: up to
+    `hold_chars` characters or `hold_max_s` seconds after the first one, or the end of the
+    stream. Returns (the held text, the usage if it ended, whether it ended)."""
+    parts: list[str] = []
+    size = 0
+    deadline: float | None = None
+    while size < recovery.hold_chars:
+        timeout = None if deadline is None else deadline - time.monotonic()
+        if timeout is not None and timeout <= 0:
+            break
+        event = await stream.next(timeout)
+        if event is _TICK:
+            break
+        if isinstance(event, _End):
+            return "".join(parts), None, True
+        if isinstance(event, TextDelta):
+            parts.append(event.text)
+            size += len(event.text)
+            if deadline is None and event.text:
+                deadline = time.monotonic() + recovery.hold_max_s
+        else:
+            return "".join(parts), event.usage, True
+    return "".join(parts), None, False

@@ -10,6 +10,7 @@ from datetime import UTC, datetime, timedelta
 
 from salon.backends.registry import BackendRegistry, ModelRoute
 from salon.chat.jobs import Clock, Delta, Ended, JobEvent, JobRunner
+from salon.chat.safety import GateVerdict, Recovery, SafetyGate
 from salon.domain import ChatMessage, CompletionRequest, MessageStatus
 from salon.errors import Conflict, InvalidRequest
 from salon.store.conversations import (
@@ -55,12 +56,16 @@ class ChatService:
         runner: JobRunner,
         limits: ChatLimits,
         clock: Clock = utcnow,
+        safety: SafetyGate | None = None,
     ) -> None:
         self._store = store
         self._registry = registry
         self._runner = runner
         self._limits = limits
         self._clock = clock
+        # Opt-in: without a gate every turn goes to the model, as before. `SafetyGate()`
+        # is the embedded classifier and the shipped policy, loaded on first use.
+        self._safety = safety
 
     # -- conversations -------------------------------------------------------------------
 
@@ -149,19 +154,18 @@ class ChatService:
         parent = conversation.current_leaf_id if use_leaf else parent_id
         history = await self._history(user_id, conversation_id, parent, follows_answer=True)
         title = _title(content) if conversation.title == NEW_TITLE else None
+        context = [*history, ChatMessage("user", content)]
+        verdict = self._check(context)
         user_message, assistant = await self._store.append(
             user_id,
             conversation_id,
             parent,
-            [
-                NewMessage("user", content, MessageStatus.COMPLETE),
-                NewMessage("assistant", "", MessageStatus.STREAMING, route.id),
-            ],
+            [NewMessage("user", content, MessageStatus.COMPLETE), _answer(route, verdict)],
             self._clock(),
             title=title,
         )
-        context = [*history, ChatMessage("user", content)]
-        self._start(assistant, route, context)
+        if not _blocked(verdict):
+            self._start(assistant, route, context, recovery=self._recovery(verdict))
         return Turn(
             await self._store.message(user_id, user_message.id),
             await self._store.message(user_id, assistant.id),
@@ -173,14 +177,16 @@ class ChatService:
         conversation = await self._store.get(user_id, old.conversation_id)
         route = self._registry.resolve(conversation.model or old.model)
         history = await self._history(user_id, old.conversation_id, old.parent_id)
+        verdict = self._check(history)
         (assistant,) = await self._store.append(
             user_id,
             old.conversation_id,
             old.parent_id,
-            [NewMessage("assistant", "", MessageStatus.STREAMING, route.id)],
+            [_answer(route, verdict)],
             self._clock(),
         )
-        self._start(assistant, route, history)
+        if not _blocked(verdict):
+            self._start(assistant, route, history, recovery=self._recovery(verdict))
         return await self._store.message(user_id, assistant.id)
 
     async def resume(self, user_id: str, message_id: int) -> MessageRecord:
@@ -265,12 +271,21 @@ class ChatService:
         route: ModelRoute,
         history: list[ChatMessage],
         initial_text: str = "",
+        recovery: Recovery | None = None,
     ) -> None:
         messages = self._fit(history)
         request = CompletionRequest(
             model=route.name, messages=tuple(messages), session_key=assistant.conversation_id
         )
-        self._runner.start(assistant.id, assistant.conversation_id, route, request, initial_text)
+        self._runner.start(
+            assistant.id, assistant.conversation_id, route, request, initial_text, recovery
+        )
+
+    def _check(self, messages: list[ChatMessage]) -> GateVerdict | None:
+        return self._safety.check_messages(messages) if self._safety else None
+
+    def _recovery(self, verdict: GateVerdict | None) -> Recovery | None:
+        return self._safety.recovery(verdict) if self._safety else None
 
     def _fit(self, history: list[ChatMessage]) -> list[ChatMessage]:
         """The newest messages that fit the budget, the operator's instructions first."""
@@ -324,6 +339,19 @@ class ChatService:
                 f"the message is longer than {self._limits.max_message_chars} characters",
                 param="content",
             )
+
+
+def _blocked(verdict: GateVerdict | None) -> bool:
+    return verdict is not None and verdict.blocked
+
+
+def _answer(route: ModelRoute, verdict: GateVerdict | None) -> NewMessage:
+    """The assistant message of a turn: to be generated, or, when the safety policy refuses
+    the request, salon's own brief refusal, complete at once (the model is never called)."""
+    if verdict is not None and verdict.blocked:
+        text = verdict.decision.message or "I can't help with that."
+        return NewMessage("assistant", text, MessageStatus.COMPLETE, route.id, verdict.note())
+    return NewMessage("assistant", "", MessageStatus.STREAMING, route.id)
 
 
 def _title(text: str | None) -> str:

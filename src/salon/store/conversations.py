@@ -45,6 +45,8 @@ class MessageRecord:
     usage: Usage | None
     created_at: datetime
     siblings: tuple[int, ...] = field(default=())
+    # What the safety layer did to this answer (blocked, recovered...), None if nothing.
+    safety: dict[str, Any] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,6 +55,7 @@ class NewMessage:
     content: str
     status: MessageStatus
     model: str | None = None
+    safety: dict[str, Any] | None = None
 
 
 def _conversation(row: sa.Row[Any]) -> ConversationRecord:
@@ -84,6 +87,7 @@ def _message(row: sa.Row[Any], siblings: tuple[int, ...] = ()) -> MessageRecord:
         usage,
         utc(row.created_at),
         siblings,
+        row.safety,
     )
 
 
@@ -208,6 +212,7 @@ class ConversationStore:
                         content=item.content,
                         status=item.status.value,
                         model=item.model,
+                        safety=item.safety,
                         created_at=now,
                         updated_at=now,
                     )
@@ -227,6 +232,7 @@ class ConversationStore:
                         item.model,
                         None,
                         now,
+                        safety=item.safety,
                     )
                 )
                 parent = message_id
@@ -339,6 +345,7 @@ class ConversationStore:
         error: str | None,
         usage: Usage | None,
         now: datetime,
+        safety: dict[str, Any] | None = None,
     ) -> None:
         values: dict[str, Any] = {
             "content": content,
@@ -346,6 +353,8 @@ class ConversationStore:
             "error": error,
             "updated_at": now,
         }
+        if safety is not None:
+            values["safety"] = safety
         if usage is not None:
             values["prompt_tokens"] = usage.prompt_tokens
             values["completion_tokens"] = usage.completion_tokens
@@ -400,4 +409,5 @@ def _with_siblings(
         record.usage,
         record.created_at,
         siblings.get(record.parent_id, (record.id,)),
+        record.safety,
     )

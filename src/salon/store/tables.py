@@ -109,6 +109,9 @@ messages = sa.Table(
     sa.Column("model", sa.String(200), nullable=True),
     sa.Column("prompt_tokens", sa.Integer, nullable=True),
     sa.Column("completion_tokens", sa.Integer, nullable=True),
+    # What salon's safety layer did to this answer, if anything (None: nothing):
+    # {"action": "blocked" | "recovered" | ..., "category": ..., "score": ...}.
+    sa.Column("safety", sa.JSON, nullable=True),
     sa.Column("created_at", Timestamp, nullable=False),
     sa.Column("updated_at", Timestamp, nullable=False),
     sa.Index("ix_messages_conversation_parent", "conversation_id", "parent_id"),

@@ -1,0 +1,167 @@
+"""The safety pipeline around a generation: a harm gate before the model is called, and
+early refusal detection with one recovery re-ask after.
+
+The models themselves live in ``salon.safety``; this module decides what the chat use cases
+do with their verdicts. Everything here is cheap: the embedded classifier scores a turn in
+~1-2 ms, the refusal detector a 200-character prefix in well under a millisecond, so both run
+inline on the event loop.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from salon.domain import ChatMessage
+from salon.safety.harm import Assessment, HarmClassifier, default_classifier
+from salon.safety.policy import Decision, Policy
+from salon.safety.refusal import EARLY_CHARS, RefusalDetector, RefusalVerdict, default_detector
+
+# -- the latency budget of recovery ---------------------------------------------------------
+# To recover without the user ever seeing a refusal that is then replaced, the first
+# characters of a benign request's answer are held back until the early detector can judge
+# them. Refusals announce themselves in their first sentences (the detector is trained on
+# the first EARLY_CHARS = 200 characters), so holding up to that many is enough; the time
+# bound caps what a slow backend costs in time-to-first-visible-token. Past either bound
+# the held text is judged as it is and released.
+HOLD_CHARS = EARLY_CHARS
+HOLD_MAX_S = 1.5
+# A reply whose refusal probability reaches this is treated as a refusal.
+REFUSAL_AT = 0.5
+# Recovery only for requests the classifier is clearly calm about: below this harmful
+# probability. It is well under the lowest refusing threshold (0.5, policy.MIN_REFUSE_AT), so
+# "uncertain" requests (0.3-0.5) are never pushed past a model's own refusal.
+RECOVER_BELOW = 0.3
+# The clarifying instruction of the one re-ask.
+CLARIFY = (
+    "The user's request below has been reviewed and is benign: it only sounds sensitive "
+    "(a technical term, fiction, history, safety information or a definition). Answer it "
+    "helpfully and directly, without refusing, disclaimers or lecturing."
+)
+# How many earlier user turns the gate reads with the current one.
+CONTEXT_TURNS = 2
+
+
+@dataclass(frozen=True, slots=True)
+class GateVerdict:
+    assessment: Assessment
+    decision: Decision
+
+    @property
+    def blocked(self) -> bool:
+        return self.decision.refused
+
+    @property
+    def recoverable(self) -> bool:
+        """A refusal by the model may be recovered from: the request is clearly benign."""
+        return not self.blocked and self.assessment.harmful_probability < RECOVER_BELOW
+
+    def note(self) -> dict[str, Any]:
+        """The `messages.safety` record of a blocked turn."""
+        return {
+            "action": "blocked",
+            "category": self.decision.category,
+            "score": round(self.decision.probability, 3),
+            "classifier": self.assessment.classifier,
+        }
+
+
+class SafetyGate:
+    """Harm gate + refusal detector; the defaults (embedded models, shipped policy) are
+    loaded lazily on first use, once per process."""
+
+    def __init__(
+        self,
+        classifier: HarmClassifier | None = None,
+        policy: Policy | None = None,
+        detector: RefusalDetector | None = None,
+    ) -> None:
+        self._classifier = classifier
+        self._policy = policy
+        self._detector = detector
+        self._lock = threading.Lock()
+
+    @property
+    def classifier(self) -> HarmClassifier:
+        if self._classifier is None:
+            with self._lock:
+                if self._classifier is None:
+                    self._classifier = default_classifier()
+        return self._classifier
+
+    @property
+    def policy(self) -> Policy:
+        if self._policy is None:
+            with self._lock:
+                if self._policy is None:
+                    self._policy = Policy.load()
+        return self._policy
+
+    @property
+    def detector(self) -> RefusalDetector:
+        if self._detector is None:
+            with self._lock:
+                if self._detector is None:
+                    self._detector = default_detector()
+        return self._detector
+
+    def warm_up(self) -> None:
+        """Load the default models now (~100 ms) instead of on the first request."""
+        _ = self.classifier, self.policy, self.detector
+
+    def check(self, turn: str, context: Sequence[str] = ()) -> GateVerdict:
+        assessment = self.classifier.assess(turn, context[-CONTEXT_TURNS:])
+        return GateVerdict(assessment, self.policy.decide(assessment))
+
+    def check_messages(self, messages: Sequence[ChatMessage]) -> GateVerdict | None:
+        """The gate on a conversation's last user turn, read with the earlier user turns;
+        None when the conversation does not end with a user turn (nothing new to judge)."""
+        if not messages or messages[-1].role != "user":
+            return None
+        earlier = [m.content for m in messages[:-1] if m.role == "user"]
+        return self.check(messages[-1].content, earlier)
+
+    def recovery(self, verdict: GateVerdict | None) -> Recovery | None:
+        if verdict is None or not verdict.recoverable:
+            return None
+        return Recovery(self.detector, verdict.assessment.harmful_probability)
+
+
+@dataclass(frozen=True, slots=True)
+class Recovery:
+    """What a generation needs to detect a refusal early and re-ask once."""
+
+    detector: RefusalDetector
+    harm_score: float
+    hold_chars: int = HOLD_CHARS
+    hold_max_s: float = HOLD_MAX_S
+
+    def judge(self, held: str, *, finished: bool) -> RefusalVerdict:
+        if finished:
+            return self.detector.score(held)
+        early = self.detector.early(held)
+        return early if early is not None else self.detector.score(held, finished=False)
+
+    def is_refusal(self, verdict: RefusalVerdict) -> bool:
+        return verdict.is_refusal(REFUSAL_AT)
+
+    def reask(self, messages: Sequence[ChatMessage]) -> tuple[ChatMessage, ...]:
+        """The same conversation with the clarifying instruction in the system message (the
+        first message: many chat templates accept a system message nowhere else)."""
+        if messages and messages[0].role == "system":
+            merged = ChatMessage("system", f"{messages[0].content}\n\n{CLARIFY}")
+            return (merged, *messages[1:])
+        return (ChatMessage("system", CLARIFY), *messages)
+
+    def note(self, first: RefusalVerdict, second: RefusalVerdict | None) -> dict[str, Any]:
+        note: dict[str, Any] = {
+            "action": "recovered",
+            "refusal_score": round(first.probability, 3),
+            "harm_score": round(self.harm_score, 3),
+        }
+        if second is not None and self.is_refusal(second):
+            note["action"] = "recovery_failed"
+            note["second_refusal_score"] = round(second.probability, 3)
+        return note
