@@ -106,9 +106,17 @@ def read_prompts(path: Path | str) -> list[PromptRow]:
     ]
 
 
+TRAINING_FILES = (DATA / "dev.csv", DATA / "written.csv", DATA / "everyday.csv")
+
+
 def training_prompts(paths: Sequence[Path] = ()) -> list[PromptRow]:
-    """The shipped training set: the development split plus the cases written for salon."""
-    chosen = paths or (DATA / "dev.csv", DATA / "written.csv")
+    """The shipped training set: the development split plus the cases written for salon.
+
+    ``everyday.csv`` is benign assistant traffic (greetings, one-word follow-ups, jokes, code...)
+    plus self-harm method-seeking and support-seeking prompts; its ``pair`` column groups small
+    families of near-variants so they share a cross-validation fold.
+    """
+    chosen = paths or TRAINING_FILES
     return [row for p in chosen for row in read_prompts(p)]
 
 

@@ -1020,6 +1020,8 @@ function fillMessageEl(el, msg) {
       h('i'), h('i'), h('i')));
   }
   body.append(content);
+  const note = safetyNote(msg);
+  if (note) body.append(note);
 
   if (msg.role === 'assistant' && ['stopped', 'incomplete', 'error'].includes(msg.status)) {
     body.append(statusBox(msg));
@@ -1032,6 +1034,20 @@ function fillMessageEl(el, msg) {
   }
   body.append(actionsBar(msg));
   el.replaceChildren(body);
+}
+
+// What salon's safety layer did to an answer, said plainly so nothing changes silently.
+const SAFETY_TEXT = {
+  blocked: 'Answered by salon: this request was not sent to the model.',
+  recovered: 'The model first declined this harmless request; salon asked again.',
+  recovery_failed: 'The model declined this request, also when asked again.',
+};
+
+function safetyNote(msg) {
+  const action = msg.safety && msg.safety.action;
+  if (msg.role !== 'assistant' || !SAFETY_TEXT[action]) return null;
+  return h('div', { class: 'msg-safety', 'data-testid': 'safety-note', 'data-action': action },
+    SAFETY_TEXT[action]);
 }
 
 function statusBox(msg) {
