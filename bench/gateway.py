@@ -32,7 +32,6 @@ import platform
 import re
 import shlex
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -47,6 +46,7 @@ from pathlib import Path
 import aiohttp
 
 import report as bench_report  # bench/report.py: bench/ is sys.path[0] as a script
+from harness import free_port, salon_cli
 
 REPO = Path(__file__).resolve().parents[1]
 PASSWORD = "bench-password-123"
@@ -62,12 +62,6 @@ TICKS = os.sysconf("SC_CLK_TCK")
 
 
 # -- processes ---------------------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @dataclass
@@ -144,16 +138,6 @@ def salon_env(data_dir: Path, upstream_url: str) -> dict[str, str]:
         }
     )
     return env
-
-
-def salon_cli(env: dict[str, str], *args: str, stdin: str | None = None) -> str:
-    result = subprocess.run(
-        [sys.executable, "-m", "salon", *args], input=stdin, capture_output=True, text=True,
-        env=env, cwd=REPO, timeout=120, check=False,
-    )  # fmt: skip
-    if result.returncode != 0:
-        raise RuntimeError(f"salon {' '.join(args)} failed:\n{result.stderr[-2000:]}")
-    return result.stdout
 
 
 # -- the load ----------------------------------------------------------------------------

@@ -34,7 +34,6 @@ import platform
 import random
 import shlex
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -52,6 +51,7 @@ from typing import Any
 import sqlalchemy as sa
 
 import report as bench_report  # bench/report.py: bench/ is sys.path[0] as a script
+from harness import free_port, salon_cli
 from salon.store.db import create_engine, migrate
 from salon.store.tables import conversations, messages, users
 
@@ -211,12 +211,6 @@ def seed_long_conversation(
 # -- processes -------------------------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def salon_env(data_dir: Path) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("SALON_")}
     env.update(
@@ -228,16 +222,6 @@ def salon_env(data_dir: Path) -> dict[str, str]:
         }
     )
     return env
-
-
-def salon_cli(env: dict[str, str], *args: str, stdin: str | None = None) -> str:
-    result = subprocess.run(
-        [sys.executable, "-m", "salon", *args], input=stdin, capture_output=True, text=True,
-        env=env, cwd=REPO, timeout=120, check=False,
-    )  # fmt: skip
-    if result.returncode != 0:
-        raise RuntimeError(f"salon {' '.join(args)} failed:\n{result.stderr[-2000:]}")
-    return result.stdout
 
 
 @contextlib.contextmanager
