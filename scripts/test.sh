@@ -7,6 +7,10 @@ source scripts/lib.sh
 ensure_debian_packages chromium
 ensure_venv
 pip_quiet install -e '.[dev]'
+install_embedding_model
+# The reference implementation, only to check salon's numpy MiniLM against it (the parity
+# test). torch==2.13.0 is the CPU wheel; any other torch spec pulls a multi-GB CUDA build.
+pip_quiet install torch==2.13.0 sentence-transformers==6.2.0
 export SALON_TEST_MODEL_CACHE="${SALON_TEST_MODEL_CACHE:-$PWD/.cache/models}"
 SALON_DATA_DIR="$PWD/.cache" SALON_EMBEDDED__CACHE_DIR="$SALON_TEST_MODEL_CACHE" \
   .venv/bin/salon models prepare embedded:smollm2-135m-instruct

@@ -7,7 +7,9 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from datetime import timedelta
 
+from sqlalchemy.ext.asyncio import AsyncEngine
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
 
@@ -17,6 +19,7 @@ from salon.api import accounts as account_routes
 from salon.api import conversations as conversation_routes
 from salon.api import metrics as metrics_routes
 from salon.api import openai as openai_routes
+from salon.api import personalization as personalization_routes
 from salon.api.context import Services
 from salon.api.errors import HANDLERS
 from salon.api.middleware import ObservabilityMiddleware
@@ -25,12 +28,19 @@ from salon.chat.gateway import Gateway
 from salon.chat.jobs import JobRunner
 from salon.chat.safety import SafetyGate
 from salon.chat.service import ChatLimits, ChatService, utcnow
+from salon.domain import SamplingParams
 from salon.errors import SalonError
 from salon.observability.metrics import Metrics
+from salon.personalization.embeddings import Embedder, HashingEmbedder, default_embedder
+from salon.personalization.memory import MemoryService
+from salon.personalization.presets import SHIPPED, load_presets
+from salon.personalization.service import Personalizer
 from salon.settings import Settings
 from salon.store.accounts import AccountStore
 from salon.store.conversations import ConversationStore
 from salon.store.db import create_engine, migrate
+from salon.store.memories import MemoryStore
+from salon.store.profiles import ProfileStore
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +55,7 @@ async def services(
     *,
     warm_up: bool = False,
     metrics: Metrics | None = None,
+    sampling: SamplingParams | None = None,
 ) -> AsyncIterator[Services]:
     """Build every service on a migrated store; tear them down in reverse order.
     With `warm_up`, embedded models load in the background while requests are served.
@@ -61,11 +72,18 @@ async def services(
         max_message_chars=settings.max_message_chars,
         context_max_chars=settings.context_max_chars,
         system_prompt=settings.system_prompt,
+        enforce=settings.personalization.enforce,
+        extraction=settings.personalization.extraction,
+        revision_budget_s=settings.personalization.revision_budget_s,
+        sampling=sampling or SamplingParams(),
     )
+    personalizer = _personalizer(settings, engine)
+    assert personalizer.memory is not None
+    await personalizer.memory.purge()
     safety = SafetyGate() if settings.safety_enabled else None
     if safety is not None and warm_up:
         await asyncio.to_thread(safety.warm_up)
-    loading = asyncio.create_task(_warm_up(registry)) if warm_up else None
+    loading = asyncio.create_task(_warm_up(registry, personalizer)) if warm_up else None
     try:
         yield Services(
             accounts=AccountService(
@@ -73,7 +91,15 @@ async def services(
                 session_days=settings.session_days,
                 signup_default=settings.signup_open,
             ),
-            chat=ChatService(conversations, registry, runner, limits, safety=safety),
+            chat=ChatService(
+                conversations,
+                registry,
+                runner,
+                limits,
+                safety=safety,
+                personalizer=personalizer,
+            ),
+            personalizer=personalizer,
             gateway=Gateway(registry, safety),
             max_body_bytes=settings.max_body_bytes,
             secure_cookies=settings.secure_cookies,
@@ -82,12 +108,39 @@ async def services(
     finally:
         if loading is not None:
             loading.cancel()
+        await personalizer.memory.close()
         await runner.shutdown()
         await registry.close()
         await engine.dispose()
 
 
-async def _warm_up(registry: BackendRegistry) -> None:
+def _personalizer(settings: Settings, engine: AsyncEngine) -> Personalizer:
+    config = settings.personalization
+
+    def embedder() -> Embedder:
+        return HashingEmbedder() if config.embedder == "hashing" else default_embedder()
+
+    memory = MemoryService(
+        MemoryStore(engine),
+        embedder,
+        utcnow,
+        undo_window=timedelta(minutes=config.undo_minutes),
+    )
+    return Personalizer(
+        ProfileStore(engine),
+        memory,
+        utcnow,
+        operator_prompt=settings.system_prompt,
+        presets=load_presets(config.personalities_file or SHIPPED),
+    )
+
+
+async def _warm_up(registry: BackendRegistry, personalizer: Personalizer) -> None:
+    if personalizer.memory is not None:
+        try:
+            await personalizer.memory.warm_up()
+        except SalonError as exc:
+            log.error("memory search is unavailable: %s", exc.message)
     try:
         await registry.warm_up()
     except SalonError as exc:
@@ -113,6 +166,7 @@ def create_app(settings: Settings, progress: Progress | None = None) -> Starlett
         *openai_routes.routes(),
         *account_routes.routes(),
         *conversation_routes.routes(),
+        *personalization_routes.routes(),
         *metrics_routes.routes(metrics, token),
         *web.routes(),
     ]

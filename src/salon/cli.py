@@ -8,6 +8,7 @@ import getpass
 import logging
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from salon import __version__
 from salon.app import create_app, services
@@ -68,6 +69,20 @@ def _parser() -> argparse.ArgumentParser:
     refusal = evals.add_parser("refusal", help="over-refusal and harmful compliance")
     refusal.add_argument("--split", default="dev", help="'dev' or a CSV with the same columns")
     refusal.set_defaults(run=_eval_refusal)
+    personal = evals.add_parser(
+        "personalization", help="style adherence (with and without enforcement) and memory"
+    )
+    personal.add_argument("--model", help="the model the style suite runs (default: the first)")
+    personal.add_argument(
+        "--suite", choices=["style", "memory", "all"], default="all", help="what to run"
+    )
+    personal.add_argument("--depths", default="0,10,30", help="turns of chat before each case")
+    personal.add_argument("--per-setting", type=int, help="prompts per setting (default: file's)")
+    personal.add_argument("--limit", type=int, help="run only the first N style cases")
+    personal.add_argument("--cases", type=Path, help="a style cases file of the same shape")
+    personal.add_argument("--memory-cases", type=Path, help="a memory cases file")
+    personal.add_argument("--out", type=Path, help="also write the report (markdown) here")
+    personal.set_defaults(run=_eval_personalization)
 
     users = commands.add_parser("users", help="accounts").add_subparsers(
         required=True, metavar="ACTION"
@@ -189,6 +204,43 @@ def _eval_refusal(_settings: Settings, args: argparse.Namespace) -> int:
 
     print(run_refusal_eval(args.split).to_markdown())
     return 0
+
+
+def _eval_personalization(settings: Settings, args: argparse.Namespace) -> int:
+    parts: list[str] = []
+    if args.suite in ("style", "all"):
+        parts.append(asyncio.run(_style_suite(settings, args)))
+    if args.suite in ("memory", "all"):
+        from salon.evals.memory_suite import memory_table, run_memory_suite
+
+        parts.append(memory_table(asyncio.run(run_memory_suite(cases=args.memory_cases))))
+    report = "\n\n".join(parts)
+    print(report)
+    if args.out:
+        args.out.write_text(report + "\n", encoding="utf-8")
+    return 0
+
+
+async def _style_suite(settings: Settings, args: argparse.Namespace) -> str:
+    import tempfile
+
+    from salon.evals import personalization as suite
+
+    model = args.model or settings.default_model
+    depths = [int(d) for d in args.depths.split(",") if d.strip()]
+    cases, filler = suite.load_cases(args.cases or suite.CASES, depths, args.per_setting)
+    cases = cases[: args.limit] if args.limit else cases
+    with tempfile.TemporaryDirectory(prefix="salon-eval-") as scratch:
+        isolated = settings.model_copy(
+            update={"data_dir": Path(scratch), "database_url": None, "models": [model]}
+        )
+        async with services(isolated, progress, sampling=suite.SAMPLING) as built:
+            pipeline = suite.Pipeline(built.accounts, built.chat, built.personalizer)
+            report = await suite.run_style_suite(
+                pipeline, model=model, cases=cases, filler=filler, progress=progress
+            )
+    summary = f"\nDrift with enforcement, first to last depth: {report.drift():+.1f} points"
+    return report.table() + "\n" + summary
 
 
 def _users_create(settings: Settings, args: argparse.Namespace) -> int:

@@ -35,6 +35,16 @@ class ProviderSettings(BaseModel):
     read_timeout_s: float = 300.0
     # Only for kind "fake": seconds between words of its slow model.
     fake_delay_s: float = 0.03
+    # May salon send this provider a user's memories, custom instructions and "about you"?
+    # Unset: yes for models that run here (embedded, fake), no for an OpenAI-compatible
+    # endpoint, which may be a hosted API. The user's messages themselves always go.
+    personal_data: bool | None = None
+
+    @property
+    def shares_personal_data(self) -> bool:
+        if self.personal_data is not None:
+            return self.personal_data
+        return self.kind != "openai"
 
 
 class EmbeddedSettings(BaseModel):
@@ -43,6 +53,24 @@ class EmbeddedSettings(BaseModel):
     # Conversations whose KV cache is kept resident (one llama.cpp slot each).
     slots: int = 1
     cache_dir: Path | None = None  # default: <data_dir>/models
+
+
+class PersonalizationSettings(BaseModel):
+    # Facts found in conversations are saved by the chat model ("model", in the background
+    # while no reply is generated), by high-precision rules only ("rules"), or not ("off").
+    # Explicit requests ("remember that ...") are always honoured while memory is on.
+    extraction: Literal["model", "rules", "off"] = "model"
+    # The sentence-embedding model behind memory search: the packaged all-MiniLM-L6-v2,
+    # or "hashing" (no model; lexical-quality only, for tiny installs and tests).
+    embedder: Literal["minilm", "hashing"] = "minilm"
+    # Check every reply against the checkable settings and repair what fails.
+    enforce: bool = True
+    # A failed check that only a new answer can repair gets one, if the first answer took
+    # no longer than this (the revision should cost about as much again).
+    revision_budget_s: float = 30.0
+    # How long a deleted memory can be restored before it is erased for good.
+    undo_minutes: int = 60
+    personalities_file: Path | None = None  # default: the shipped presets
 
 
 class Settings(BaseSettings):
@@ -61,6 +89,7 @@ class Settings(BaseSettings):
     models: Annotated[list[str], NoDecode] = Field(default_factory=lambda: [DEFAULT_MODEL])
     providers: dict[str, ProviderSettings] = Field(default_factory=dict)
     embedded: EmbeddedSettings = Field(default_factory=EmbeddedSettings)
+    personalization: PersonalizationSettings = Field(default_factory=PersonalizationSettings)
 
     signup_open: bool = True  # initial value; the admin changes it at run time
     session_days: int = 30

@@ -15,7 +15,7 @@ import pytest
 import uvicorn
 
 from salon.app import create_app
-from salon.settings import ProviderSettings, Settings
+from salon.settings import PersonalizationSettings, ProviderSettings, Settings
 
 from .test_chat_api import sign_up
 
@@ -42,6 +42,9 @@ def settings_for(database_url: str, tmp_path: Path, **extra: object) -> Settings
         models=["fake:echo", "fake:down"],
         flush_interval_s=0.05,
         providers={"fake": ProviderSettings(kind="fake", fake_delay_s=0.004)},
+        # Memory extraction by the model is a backend call of its own; these tests count
+        # the chat's calls only.
+        personalization=PersonalizationSettings(extraction="rules"),
         **extra,  # type: ignore[arg-type]
     )
 

@@ -10,6 +10,7 @@ from starlette.requests import HTTPConnection
 from salon.accounts.service import AccountService
 from salon.chat.gateway import Gateway
 from salon.chat.service import ChatService
+from salon.personalization.service import Personalizer
 
 
 @dataclass(frozen=True, slots=True)
@@ -17,6 +18,7 @@ class Services:
     accounts: AccountService
     chat: ChatService
     gateway: Gateway
+    personalizer: Personalizer
     max_body_bytes: int
     secure_cookies: bool
     session_days: int

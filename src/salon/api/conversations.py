@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from datetime import datetime
+from typing import Any
 
 from pydantic import BaseModel, Field
 from starlette.requests import Request
@@ -23,11 +24,16 @@ KEEP_ALIVE_S = 15.0
 class NewConversation(BaseModel):
     title: str | None = Field(default=None, max_length=500)
     model: str | None = None
+    # Nothing from a temporary chat is remembered, and it stays out of the history.
+    temporary: bool = False
+    # Personalization overrides for this conversation (see /api/personalization).
+    settings: dict[str, Any] | None = None
 
 
 class ConversationChange(BaseModel):
     title: str | None = Field(default=None, max_length=500)
     model: str | None = None
+    settings: dict[str, Any] | None = None
 
 
 class NewMessage(BaseModel):
@@ -74,7 +80,9 @@ async def list_conversations(request: Request) -> Response:
 async def create_conversation(request: Request) -> Response:
     user = await current_user(request)
     body = await read_json(request, NewConversation)
-    record = await services(request).chat.create_conversation(user.id, body.title, body.model)
+    record = await services(request).chat.create_conversation(
+        user.id, body.title, body.model, temporary=body.temporary, settings=body.settings
+    )
     return JSONResponse(views.conversation(record), 201)
 
 
@@ -87,6 +95,8 @@ async def conversation(request: Request) -> Response:
         return Response(status_code=204)
     if request.method == "PATCH":
         body = await read_json(request, ConversationChange)
+        if body.settings is not None:
+            await chat.set_conversation_settings(user.id, conversation_id, body.settings)
         record = await chat.rename_or_switch_model(user.id, conversation_id, body.title, body.model)
     else:
         record = await chat.conversation(user.id, conversation_id)

@@ -40,6 +40,8 @@ def conversation(record: ConversationRecord) -> dict[str, Any]:
         "created_at": when(record.created_at),
         "updated_at": when(record.updated_at),
         "current_leaf_id": record.current_leaf_id,
+        "settings": record.settings or {},
+        "temporary": record.temporary,
     }
 
 
@@ -64,4 +66,6 @@ def message(record: MessageRecord) -> dict[str, Any]:
         "usage": usage,
         # Set when salon's safety layer answered or intervened (e.g. {"action": "blocked"}).
         "safety": record.safety,
+        # What the personalization checks found and repaired (None: nothing checkable).
+        "personalization": record.personalization,
     }

@@ -7,6 +7,10 @@
 - `fail`: streams a few words, then fails as a backend dying mid-stream does.
 - `down`: fails before the first token, as an unreachable backend does.
 - `markdown`: a fixed reply with a heading, a list and a fenced code block.
+- `prompt`: replies with everything it was sent, one `[role] content` block per message,
+  exactly — what tests read to see what a model really receives.
+- `styled`: a cheerful fixed reply with emoji, a heading and a list, in English — one that
+  many style settings reject, to exercise their enforcement.
 """
 
 from __future__ import annotations
@@ -18,6 +22,11 @@ from salon.domain import CompletionRequest, Finished, FinishReason, StreamEvent,
 from salon.errors import BackendUnavailable, UnknownModel
 
 MARKDOWN_REPLY = "## Result\n\nHere is a list:\n\n- one\n- two\n\n```python\nprint('hello')\n```\n"
+STYLED_REPLY = (
+    "## Great question! 🎉\n\nHere are the steps 😀:\n\n- Open the settings\n"
+    "- Pick what you like\n- Save it ✅\n\nThat is all there is to it."
+)
+CHUNK = 16
 
 
 class FakeBackend:
@@ -25,6 +34,10 @@ class FakeBackend:
         self._delay_s = delay_s
 
     async def stream(self, request: CompletionRequest) -> AsyncGenerator[StreamEvent, None]:
+        if request.model in ("prompt", "styled"):
+            async for event in _chunks(_fixed(request), request):
+                yield event
+            return
         words, delay = self._script(request)
         if request.model == "down":
             raise BackendUnavailable("fake backend 'down' is unreachable")
@@ -64,3 +77,23 @@ class FakeBackend:
 
     async def close(self) -> None:
         return None
+
+
+def _fixed(request: CompletionRequest) -> str:
+    if request.model == "styled":
+        return STYLED_REPLY
+    return "\n".join(f"[{m.role}] {m.content}" for m in request.messages)
+
+
+async def _chunks(text: str, request: CompletionRequest) -> AsyncGenerator[StreamEvent, None]:
+    """`text` in fixed-size pieces: every character arrives as it was (no re-spacing)."""
+    pieces = [text[i : i + CHUNK] for i in range(0, len(text), CHUNK)]
+    limit = request.params.max_tokens
+    prompt_tokens = sum(len(m.content.split()) for m in request.messages)
+    for produced, piece in enumerate(pieces):
+        if limit is not None and produced >= limit:
+            yield Finished(FinishReason.LENGTH, Usage(prompt_tokens, produced))
+            return
+        await asyncio.sleep(0)
+        yield TextDelta(piece)
+    yield Finished(FinishReason.STOP, Usage(prompt_tokens, len(pieces)))

@@ -28,6 +28,8 @@ class ModelRoute:
     provider: str
     name: str  # what the backend calls it
     backend: TextBackend  # measured when the registry has metrics
+    # The operator's privacy rule: may personal data (memories, instructions) go to it?
+    personal_data: bool = True
 
 
 class BackendRegistry:
@@ -45,7 +47,10 @@ class BackendRegistry:
         self._routes: dict[str, ModelRoute] = {}
         for model_id in settings.models:
             provider, _, name = model_id.partition(":")
-            self._routes[model_id] = ModelRoute(model_id, provider, name, self._backend(provider))
+            backend = self._backend(provider)
+            self._routes[model_id] = ModelRoute(
+                model_id, provider, name, backend, self._config(provider).shares_personal_data
+            )
 
     @property
     def ids(self) -> list[str]:
@@ -64,14 +69,18 @@ class BackendRegistry:
             )
         return route
 
+    def _config(self, provider: str) -> ProviderSettings:
+        config = self._settings.providers.get(provider) or BUILT_IN.get(provider)
+        if config is None:
+            raise ConfigError(
+                f"provider {provider!r} is not configured "
+                f"(set SALON_PROVIDERS__{provider.upper()}__BASE_URL)"
+            )
+        return config
+
     def _backend(self, provider: str) -> TextBackend:
         if provider not in self._backends:
-            config = self._settings.providers.get(provider) or BUILT_IN.get(provider)
-            if config is None:
-                raise ConfigError(
-                    f"provider {provider!r} is not configured "
-                    f"(set SALON_PROVIDERS__{provider.upper()}__BASE_URL)"
-                )
+            config = self._config(provider)
             built = self._build(provider, config)
             self._backends[provider] = built
             self._measured[provider] = (

@@ -13,15 +13,18 @@ import asyncio
 import bisect
 import logging
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Any
 
 from salon.backends.registry import ModelRoute
+from salon.chat.personal import Enforcement
 from salon.chat.safety import Recovery
 from salon.domain import CompletionRequest, MessageStatus, StreamEvent, TextDelta, Usage
 from salon.errors import SalonError
+from salon.personalization.checks import CheckResult
+from salon.personalization.enforce import StreamEnforcer
 from salon.store.conversations import ConversationStore
 
 log = logging.getLogger(__name__)
@@ -41,9 +44,13 @@ class Ended:
     status: MessageStatus
     error: str | None
     code: str | None
+    # A revision that follows the settings better replaces this answer (a sibling).
+    revised_by: int | None = None
 
 
 JobEvent = Delta | Ended
+# Starts a revision of a finished answer that failed checks; returns its message id.
+Revise = Callable[["GenerationJob", list[CheckResult]], Awaitable[int | None]]
 
 
 class GenerationJob:
@@ -60,6 +67,13 @@ class GenerationJob:
         self.cancel_status = MessageStatus.STOPPED
         # What the safety layer did (e.g. a recovery from a refusal), stored with the answer.
         self.safety: dict[str, Any] | None = None
+        # Deterministic repairs the text passes through before anyone sees it.
+        self.enforcer: StreamEnforcer | None = None
+        self._raw: list[str] = []  # what the model wrote, before the enforcer
+        # The checks' record, stored with the answer.
+        self.personalization: dict[str, Any] | None = None
+        self.revised_by: int | None = None
+        self.started = time.monotonic()
 
     @property
     def length(self) -> int:
@@ -73,13 +87,31 @@ class GenerationJob:
         head = self._chunks[index][start - first_start :]
         return head + "".join(self._chunks[index + 1 :])
 
+    def emit(self, text: str) -> None:
+        """Generated text, through the enforcer when there is one."""
+        released = text
+        if self.enforcer is not None:
+            self._raw.append(text)
+            released = self.enforcer.feed(text)
+        if released:
+            self.append(released)
+
+    @property
+    def raw_text(self) -> str:
+        return "".join(self._raw)
+
+    @property
+    def enough(self) -> bool:
+        """The enforcer has all it may release (a length bound): stop generating."""
+        return self.enforcer is not None and self.enforcer.done
+
     def append(self, text: str) -> None:
         self._chunks.append(text)
         self._ends.append(self.length + len(text))
         self._wake()
 
     def end(self, status: MessageStatus, error: str | None = None, code: str | None = None) -> None:
-        self.ended = Ended(self.length, status, error, code)
+        self.ended = Ended(self.length, status, error, code, self.revised_by)
         self._wake()
 
     def _wake(self) -> None:
@@ -115,6 +147,10 @@ class JobRunner:
     def get(self, message_id: int) -> GenerationJob | None:
         return self._jobs.get(message_id)
 
+    @property
+    def busy(self) -> bool:
+        return bool(self._jobs)
+
     def running_in(self, conversation_id: str) -> list[GenerationJob]:
         return [j for j in self._jobs.values() if j.conversation_id == conversation_id]
 
@@ -126,13 +162,19 @@ class JobRunner:
         request: CompletionRequest,
         initial_text: str = "",
         recovery: Recovery | None = None,
+        enforcement: Enforcement | None = None,
+        revise: Revise | None = None,
     ) -> GenerationJob:
         """With `recovery`, the start of the answer is held back until the refusal detector
-        has judged it; a refusal is then dropped and the request re-asked once."""
+        has judged it; a refusal is then dropped and the request re-asked once. With
+        `enforcement`, the text passes the deterministic repairs, the answer is checked at
+        the end, and `revise` is asked for a revision when only a new answer can repair it."""
         job = GenerationJob(message_id, conversation_id, initial_text)
+        if enforcement is not None:
+            job.enforcer = enforcement.enforcer()
         self._jobs[message_id] = job
         job.task = asyncio.create_task(
-            self._run(job, route, request, recovery), name=f"job-{message_id}"
+            self._run(job, route, request, recovery, enforcement, revise), name=f"job-{message_id}"
         )
         return job
 
@@ -156,9 +198,13 @@ class JobRunner:
         route: ModelRoute,
         request: CompletionRequest,
         recovery: Recovery | None = None,
+        enforcement: Enforcement | None = None,
+        revise: Revise | None = None,
     ) -> None:
         try:
             usage = await self._generate(job, route, request, recovery)
+            if enforcement is not None:
+                await self._settle(job, enforcement, revise)
             await self._finish(job, MessageStatus.COMPLETE, usage=usage)
         except asyncio.CancelledError:
             await self._finish(job, job.cancel_status)
@@ -171,6 +217,27 @@ class JobRunner:
             )
         finally:
             self._jobs.pop(job.message_id, None)
+
+    async def _settle(
+        self, job: GenerationJob, enforcement: Enforcement, revise: Revise | None
+    ) -> None:
+        """Release what the enforcer held, check the answer, and have it revised when a
+        failed check needs a new answer (and the first one was quick enough to redo)."""
+        assert job.enforcer is not None
+        tail = job.enforcer.finish()
+        if tail:
+            job.append(tail)
+        note, failed = enforcement.judge(job.text(), job.enforcer.fixes)
+        if job.enforcer.fixes:
+            # The model's own words stay available: "adjusted" is visible, never silent.
+            note["original"] = job.raw_text
+        # Stopped at a length bound: the model was going on past it.
+        note["cut"] = job.enforcer.done
+        job.personalization = note
+        if failed and revise is not None:
+            job.revised_by = await revise(job, failed)
+            if job.revised_by is not None:
+                note["revised_by"] = job.revised_by
 
     async def _generate(
         self,
@@ -195,7 +262,7 @@ class JobRunner:
                 log.info("message %s: recovered from a refusal (%s)", job.message_id, job.safety)
                 return usage
             if held:
-                job.append(held)
+                job.emit(held)
             if ended:
                 return usage
             return await self._relay(job, stream.rest())
@@ -205,14 +272,22 @@ class JobRunner:
     async def _relay(self, job: GenerationJob, events: AsyncIterator[StreamEvent]) -> Usage | None:
         last_flush = time.monotonic()
         usage: Usage | None = None
-        async for event in events:
-            if isinstance(event, TextDelta):
-                job.append(event.text)
-                if time.monotonic() - last_flush >= self._flush_interval_s:
-                    last_flush = time.monotonic()
-                    await self._store.update_content(job.message_id, job.text(), self._clock())
-            else:
-                usage = event.usage
+        try:
+            async for event in events:
+                if isinstance(event, TextDelta):
+                    job.emit(event.text)
+                    if job.enough:
+                        break
+                    if time.monotonic() - last_flush >= self._flush_interval_s:
+                        last_flush = time.monotonic()
+                        await self._store.update_content(job.message_id, job.text(), self._clock())
+                else:
+                    usage = event.usage
+        finally:
+            # Leaving early (a length bound) must end the backend's generation now.
+            close = getattr(events, "aclose", None)
+            if close is not None:
+                await close()
         return usage
 
     async def _finish(
@@ -237,6 +312,7 @@ class JobRunner:
                     usage=usage,
                     now=self._clock(),
                     safety=job.safety,
+                    personalization=job.personalization,
                 )
             )
         finally:

@@ -3,24 +3,38 @@
 from __future__ import annotations
 
 import asyncio
+import logging
+import time
 import uuid
-from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
+from salon.backends.base import complete
 from salon.backends.registry import BackendRegistry, ModelRoute
-from salon.chat.jobs import Clock, Delta, Ended, JobEvent, JobRunner
+from salon.chat.jobs import Clock, Delta, Ended, GenerationJob, JobEvent, JobRunner
+from salon.chat.personal import Enforcement, with_repair
 from salon.chat.safety import GateVerdict, Recovery, SafetyGate
-from salon.domain import ChatMessage, CompletionRequest, MessageStatus
+from salon.domain import ChatMessage, CompletionRequest, MessageStatus, SamplingParams
 from salon.errors import Conflict, InvalidRequest
+from salon.personalization.checks import CheckResult
+from salon.personalization.memory import Change
+from salon.personalization.service import Conversationish, Personalizer
+from salon.personalization.stack import TurnContext
 from salon.store.conversations import (
     ConversationRecord,
     ConversationStore,
     MessageRecord,
     NewMessage,
 )
+from salon.store.memories import MemoryRecord
+
+log = logging.getLogger(__name__)
 
 NEW_TITLE = "New chat"
+# Memory extraction by the model is a short side job.
+EXTRACTION_PARAMS = SamplingParams(max_tokens=200, temperature=0.0)
 # How far back the context reaches; a budget in characters keeps the prompt in bounds
 # without a tokenizer round-trip (≈ 3–4 characters per token).
 CONTEXT_MESSAGES = 200
@@ -40,6 +54,14 @@ class ChatLimits:
     # calling it lost (it polls the store meanwhile).
     orphan_timeout_s: float = 120.0
     poll_interval_s: float = 0.5
+    # Personalization: enforce checkable settings; how facts are extracted from turns.
+    enforce: bool = True
+    extraction: str = "model"  # "model" | "rules" | "off"
+    revision_budget_s: float = 30.0
+    # How long model extraction waits for the model to be idle before using the rules.
+    extraction_patience_s: float = 300.0
+    # Sampling for the web app's turns (the backend's defaults when unset).
+    sampling: SamplingParams = field(default_factory=SamplingParams)
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,6 +79,7 @@ class ChatService:
         limits: ChatLimits,
         clock: Clock = utcnow,
         safety: SafetyGate | None = None,
+        personalizer: Personalizer | None = None,
     ) -> None:
         self._store = store
         self._registry = registry
@@ -66,19 +89,51 @@ class ChatService:
         # Opt-in: without a gate every turn goes to the model, as before. `SafetyGate()`
         # is the embedded classifier and the shipped policy, loaded on first use.
         self._safety = safety
+        # Without one, turns get the operator's prompt only (the /v1 gateway's behaviour).
+        self._personalizer = personalizer
+        self._memory = personalizer.memory if personalizer else None
+        self._extraction: asyncio.Task[None] | None = None
 
     # -- conversations -------------------------------------------------------------------
 
     async def create_conversation(
-        self, user_id: str, title: str | None, model: str | None
+        self,
+        user_id: str,
+        title: str | None,
+        model: str | None,
+        *,
+        temporary: bool = False,
+        settings: dict[str, Any] | None = None,
     ) -> ConversationRecord:
         if model is not None:
             self._registry.resolve(model)
+        if settings and self._personalizer is not None:
+            settings = await self._personalizer.check_overrides(user_id, settings)
         now = self._clock()
         record = ConversationRecord(
-            str(uuid.uuid4()), user_id, _title(title) or NEW_TITLE, model, None, now, now
+            str(uuid.uuid4()),
+            user_id,
+            _title(title) or NEW_TITLE,
+            model,
+            None,
+            now,
+            now,
+            settings or None,
+            temporary,
         )
         return await self._store.create(record)
+
+    async def set_conversation_settings(
+        self, user_id: str, conversation_id: str, overrides: dict[str, Any]
+    ) -> ConversationRecord:
+        """Replace the conversation's personalization overrides ({} = the account's)."""
+        await self._store.get(user_id, conversation_id)
+        checked = (
+            await self._personalizer.check_overrides(user_id, overrides)
+            if self._personalizer
+            else {}
+        )
+        return await self._store.update(user_id, conversation_id, {"settings": checked or None})
 
     async def conversations(
         self,
@@ -111,6 +166,8 @@ class ChatService:
         for job in self._runner.running_in(conversation_id):
             await self._runner.stop(job.message_id)
         await self._store.delete(user_id, conversation_id)
+        if self._memory is not None:
+            await self._memory.store.unindex_conversation(user_id, conversation_id)
 
     async def branch(
         self, user_id: str, conversation_id: str, message_id: int
@@ -165,10 +222,23 @@ class ChatService:
             title=title,
         )
         if not _blocked(verdict):
-            self._start(assistant, route, context, recovery=self._recovery(verdict))
+            await self._start(
+                assistant, route, context, conversation, recovery=self._recovery(verdict)
+            )
+        self._observe(conversation, user_message, route)
         return Turn(
             await self._store.message(user_id, user_message.id),
             await self._store.message(user_id, assistant.id),
+        )
+
+    async def import_messages(
+        self, user_id: str, conversation_id: str, messages: Sequence[NewMessage], now: datetime
+    ) -> None:
+        """Messages that happened elsewhere (an import, an evaluation's history), appended
+        to the active branch as they are: nothing is generated."""
+        conversation = await self._store.get(user_id, conversation_id)
+        await self._store.append(
+            user_id, conversation_id, conversation.current_leaf_id, messages, now
         )
 
     async def regenerate(self, user_id: str, message_id: int) -> MessageRecord:
@@ -186,7 +256,9 @@ class ChatService:
             self._clock(),
         )
         if not _blocked(verdict):
-            self._start(assistant, route, history, recovery=self._recovery(verdict))
+            await self._start(
+                assistant, route, history, conversation, recovery=self._recovery(verdict)
+            )
         return await self._store.message(user_id, assistant.id)
 
     async def resume(self, user_id: str, message_id: int) -> MessageRecord:
@@ -202,7 +274,11 @@ class ChatService:
         if message.content:
             history.append(ChatMessage("assistant", message.content))
         await self._store.restart(message_id, self._clock())
-        self._start(message, route, history, initial_text=message.content)
+        conversation = await self._store.get(user_id, message.conversation_id)
+        # A continuation is not re-checked: the enforcer never saw the first part.
+        await self._start(
+            message, route, history, conversation, initial_text=message.content, enforce=False
+        )
         await self._store.touch(message.conversation_id, self._clock(), None)
         return await self._store.message(user_id, message_id)
 
@@ -265,21 +341,216 @@ class ChatService:
 
     # -- helpers -------------------------------------------------------------------------
 
-    def _start(
+    async def _start(
         self,
         assistant: MessageRecord,
         route: ModelRoute,
         history: list[ChatMessage],
+        conversation: ConversationRecord,
+        *,
         initial_text: str = "",
         recovery: Recovery | None = None,
+        enforce: bool = True,
     ) -> None:
-        messages = self._fit(history)
+        self._yield_model()
+        context = await self._context(assistant.user_id, conversation, route, history)
         request = CompletionRequest(
-            model=route.name, messages=tuple(messages), session_key=assistant.conversation_id
+            model=route.name,
+            messages=tuple(self._fit(history, context.system if context else None)),
+            params=self._limits.sampling,
+            session_key=assistant.conversation_id,
         )
-        self._runner.start(
-            assistant.id, assistant.conversation_id, route, request, initial_text, recovery
+        enforcement = None
+        if context is not None and enforce and self._limits.enforce and context.constraints:
+            enforcement = Enforcement(context.constraints)
+        job = self._runner.start(
+            assistant.id,
+            assistant.conversation_id,
+            route,
+            request,
+            initial_text,
+            recovery,
+            enforcement,
+            self._reviser(assistant, route, request, enforcement),
         )
+        if not initial_text:
+            self._after(job, assistant, route, request, conversation)
+
+    async def _context(
+        self,
+        user_id: str,
+        conversation: ConversationRecord,
+        route: ModelRoute,
+        history: list[ChatMessage],
+    ) -> TurnContext | None:
+        if self._personalizer is None:
+            return None
+        last_user = next((m.content for m in reversed(history) if m.role == "user"), "")
+        return await self._personalizer.prepare(
+            user_id, _conversationish(conversation), last_user, share_personal=route.personal_data
+        )
+
+    def _reviser(
+        self,
+        original: MessageRecord,
+        route: ModelRoute,
+        request: CompletionRequest,
+        enforcement: Enforcement | None,
+    ) -> Callable[[GenerationJob, list[CheckResult]], Awaitable[int | None]] | None:
+        """A revision: one new answer beside the first, asked with the failed rules spelt
+        out, and only when the first was quick enough that another costs about as much."""
+        if enforcement is None:
+            return None
+
+        async def revise(job: GenerationJob, failed: list[CheckResult]) -> int | None:
+            if time.monotonic() - job.started > self._limits.revision_budget_s:
+                return None
+            (revision,) = await self._store.append(
+                original.user_id,
+                original.conversation_id,
+                original.parent_id,
+                [NewMessage("assistant", "", MessageStatus.STREAMING, route.id)],
+                self._clock(),
+            )
+            retry = replace(request, messages=with_repair(request.messages, failed))
+            self._runner.start(
+                revision.id,
+                revision.conversation_id,
+                route,
+                retry,
+                enforcement=enforcement.revision(original.id),
+            )
+            return revision.id
+
+        return revise
+
+    # -- personalization -----------------------------------------------------------------
+
+    async def preview(
+        self, user_id: str, conversation_id: str | None, draft: str, model: str | None
+    ) -> tuple[TurnContext | None, list[ChatMessage]]:
+        """Exactly what the model would receive if `draft` were sent now: the same code
+        path as a turn, without starting it."""
+        if conversation_id is None:  # a chat not started yet: the account's settings
+            now = self._clock()
+            conversation = ConversationRecord("", user_id, NEW_TITLE, model, None, now, now)
+        else:
+            conversation = await self._store.get(user_id, conversation_id)
+        route = self._registry.resolve(model or conversation.model)
+        history = await self._history(user_id, conversation.id, conversation.current_leaf_id)
+        history.append(ChatMessage("user", draft))
+        context = await self._context(user_id, conversation, route, history)
+        return context, self._fit(history, context.system if context else None)
+
+    def _observe(
+        self, conversation: ConversationRecord, message: MessageRecord, route: ModelRoute
+    ) -> None:
+        """A new user message: searchable from now on, and an explicit "remember that" is
+        saved at once — in the background, beside the reply, never before it."""
+        if self._memory is None or conversation.temporary:
+            return
+        by_rules = self._limits.extraction == "rules" or (
+            self._limits.extraction == "model" and not route.personal_data
+        )
+        self._memory.spawn(self._observe_now(message, by_rules), "observe")
+
+    async def _observe_now(self, message: MessageRecord, by_rules: bool) -> None:
+        assert self._memory is not None and self._personalizer is not None
+        profile = await self._personalizer.profile(message.user_id)
+        if profile.reference_history:
+            await self._memory.index_messages(
+                message.user_id,
+                [(message.id, message.conversation_id, message.content, message.created_at)],
+            )
+        if profile.memory_enabled:
+            await self._memory.act_on(
+                message.user_id,
+                message.conversation_id,
+                message.id,
+                message.content,
+                use_rules=by_rules,
+            )
+
+    def _after(
+        self,
+        job: GenerationJob,
+        assistant: MessageRecord,
+        route: ModelRoute,
+        request: CompletionRequest,
+        conversation: ConversationRecord,
+    ) -> None:
+        wanted = self._limits.extraction == "model" and route.personal_data
+        if self._memory is None or conversation.temporary or not wanted:
+            return
+        self._memory.spawn(self._extract_after(job, assistant, route, request), "extract")
+
+    async def _extract_after(
+        self,
+        job: GenerationJob,
+        assistant: MessageRecord,
+        route: ModelRoute,
+        request: CompletionRequest,
+    ) -> None:
+        """Once the answer is complete and the model idle, ask the model which durable
+        facts the turn revealed. The prompt extends the conversation the model just
+        processed, so its cached prefix serves both this and the next turn."""
+        assert self._memory is not None and self._personalizer is not None
+        if job.task is not None:
+            await asyncio.wait({job.task})
+        answer = await self._store.message(assistant.user_id, assistant.id)
+        if answer.status != MessageStatus.COMPLETE or assistant.parent_id is None:
+            return
+        if not (await self._personalizer.profile(assistant.user_id)).memory_enabled:
+            return
+        said = await self._store.message(assistant.user_id, assistant.parent_id)
+        prefix = (*request.messages, ChatMessage("assistant", answer.content))
+
+        async def ask(prompt: list[tuple[str, str]]) -> str:
+            folded = "\n\n".join(content for _, content in prompt)
+            extraction = replace(
+                request,
+                messages=(*prefix, ChatMessage("user", folded)),
+                params=EXTRACTION_PARAMS,
+            )
+            return (await complete(route.backend, extraction)).text
+
+        args = (assistant.user_id, assistant.conversation_id, said.id, said.content)
+        if not await self._idle():
+            await self._memory.act_on(*args, use_rules=True)
+            return
+        self._extraction = asyncio.current_task()
+        try:
+            await self._memory.extract_with_model(*args, answer.content, ask)
+        except asyncio.CancelledError:
+            # A reply needs the model: the rules stand in for this turn.
+            task = asyncio.current_task()
+            if task is not None:
+                task.uncancel()
+            await self._memory.act_on(*args, use_rules=True, explicit=False)
+        finally:
+            self._extraction = None
+
+    async def _idle(self) -> bool:
+        """Wait (bounded) until no answer is being generated in this process."""
+        deadline = time.monotonic() + self._limits.extraction_patience_s
+        while self._runner.busy:
+            if time.monotonic() > deadline:
+                return False
+            await asyncio.sleep(0.25)
+        return True
+
+    def _yield_model(self) -> None:
+        """A reply is starting: a running extraction gives the model up at once."""
+        if self._extraction is not None and not self._extraction.done():
+            self._extraction.cancel()
+
+    async def memory_changes(self, user_id: str, message_id: int) -> list[Change]:
+        """What was saved from a message (the chat's chip)."""
+        if self._memory is None:
+            return []
+        await self._store.message(user_id, message_id)  # owned, or 404
+        records = await self._memory.store.from_messages(user_id, [message_id])
+        return [Change(_action(r, message_id), r) for r in records]
 
     def _check(self, messages: list[ChatMessage]) -> GateVerdict | None:
         return self._safety.check_messages(messages) if self._safety else None
@@ -287,9 +558,11 @@ class ChatService:
     def _recovery(self, verdict: GateVerdict | None) -> Recovery | None:
         return self._safety.recovery(verdict) if self._safety else None
 
-    def _fit(self, history: list[ChatMessage]) -> list[ChatMessage]:
-        """The newest messages that fit the budget, the operator's instructions first."""
-        budget = self._limits.context_max_chars
+    def _fit(self, history: list[ChatMessage], system: str | None = None) -> list[ChatMessage]:
+        """The newest messages that fit the budget, the instructions first (the operator's
+        alone, or the whole personalization stack, which starts with them)."""
+        system = system if system is not None else self._limits.system_prompt
+        budget = self._limits.context_max_chars - len(system or "")
         kept: list[ChatMessage] = []
         for message in reversed(history):
             if kept and len(message.content) > budget:
@@ -297,8 +570,8 @@ class ChatService:
             kept.append(message)
             budget -= len(message.content)
         kept.reverse()
-        if self._limits.system_prompt:
-            kept.insert(0, ChatMessage("system", self._limits.system_prompt))
+        if system:
+            kept.insert(0, ChatMessage("system", system))
         return kept
 
     async def _history(
@@ -339,6 +612,16 @@ class ChatService:
                 f"the message is longer than {self._limits.max_message_chars} characters",
                 param="content",
             )
+
+
+def _action(record: MemoryRecord, message_id: int) -> str:
+    if record.forgotten_by == message_id:
+        return "forgotten"
+    return "saved" if record.supersedes_id is None else "updated"
+
+
+def _conversationish(conversation: ConversationRecord) -> Conversationish:
+    return Conversationish(conversation.id, conversation.settings, conversation.temporary)
 
 
 def _blocked(verdict: GateVerdict | None) -> bool:

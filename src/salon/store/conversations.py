@@ -29,6 +29,9 @@ class ConversationRecord:
     current_leaf_id: int | None
     created_at: datetime
     updated_at: datetime
+    # Personalization overrides for this conversation (a ProfilePatch as a dict).
+    settings: dict[str, Any] | None = None
+    temporary: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,6 +50,8 @@ class MessageRecord:
     siblings: tuple[int, ...] = field(default=())
     # What the safety layer did to this answer (blocked, recovered...), None if nothing.
     safety: dict[str, Any] | None = None
+    # What personalization enforcement checked and repaired, None if nothing was active.
+    personalization: dict[str, Any] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,6 +72,8 @@ def _conversation(row: sa.Row[Any]) -> ConversationRecord:
         row.current_leaf_id,
         utc(row.created_at),
         utc(row.updated_at),
+        row.settings,
+        bool(row.temporary),
     )
 
 
@@ -88,6 +95,7 @@ def _message(row: sa.Row[Any], siblings: tuple[int, ...] = ()) -> MessageRecord:
         utc(row.created_at),
         siblings,
         row.safety,
+        row.personalization,
     )
 
 
@@ -111,6 +119,8 @@ class ConversationStore:
                     title=record.title,
                     model=record.model,
                     current_leaf_id=None,
+                    settings=record.settings,
+                    temporary=record.temporary,
                     created_at=record.created_at,
                     updated_at=record.updated_at,
                 )
@@ -144,7 +154,8 @@ class ConversationStore:
         before: tuple[datetime, str] | None,
     ) -> list[ConversationRecord]:
         c = conversations.c
-        stmt = conversations.select().where(c.user_id == user_id)
+        # Temporary chats stay out of the history.
+        stmt = conversations.select().where(c.user_id == user_id, c.temporary.is_(False))
         if query:
             pattern = _like(query)
             in_content = (
@@ -346,6 +357,7 @@ class ConversationStore:
         usage: Usage | None,
         now: datetime,
         safety: dict[str, Any] | None = None,
+        personalization: dict[str, Any] | None = None,
     ) -> None:
         values: dict[str, Any] = {
             "content": content,
@@ -355,6 +367,8 @@ class ConversationStore:
         }
         if safety is not None:
             values["safety"] = safety
+        if personalization is not None:
+            values["personalization"] = personalization
         if usage is not None:
             values["prompt_tokens"] = usage.prompt_tokens
             values["completion_tokens"] = usage.completion_tokens
@@ -410,4 +424,5 @@ def _with_siblings(
         record.created_at,
         siblings.get(record.parent_id, (record.id,)),
         record.safety,
+        record.personalization,
     )

@@ -77,6 +77,10 @@ conversations = sa.Table(
     sa.Column("title", sa.String(200), nullable=False),
     sa.Column("model", sa.String(200), nullable=True),
     sa.Column("current_leaf_id", sa.BigInteger, nullable=True),
+    # The conversation's personalization overrides (a ProfilePatch), None: the account's.
+    sa.Column("settings", sa.JSON, nullable=True),
+    # A temporary chat: hidden from the history, never remembered from, purged after a day.
+    sa.Column("temporary", sa.Boolean, nullable=False, server_default=sa.false()),
     sa.Column("created_at", Timestamp, nullable=False),
     sa.Column("updated_at", Timestamp, nullable=False),
     sa.Index("ix_conversations_user_updated", "user_id", "updated_at"),
@@ -112,8 +116,110 @@ messages = sa.Table(
     # What salon's safety layer did to this answer, if anything (None: nothing):
     # {"action": "blocked" | "recovered" | ..., "category": ..., "score": ...}.
     sa.Column("safety", sa.JSON, nullable=True),
+    # What personalization enforcement found and did: {"checks": [...], "fixes": [...],
+    # "revision_of": id?}; None when no checkable setting was active.
+    sa.Column("personalization", sa.JSON, nullable=True),
     sa.Column("created_at", Timestamp, nullable=False),
     sa.Column("updated_at", Timestamp, nullable=False),
     sa.Index("ix_messages_conversation_parent", "conversation_id", "parent_id"),
     sa.Index("ix_messages_status", "status"),
+)
+
+
+def _owner() -> sa.Column[str]:
+    return sa.Column(
+        "user_id", sa.String(36), sa.ForeignKey("users.id", ondelete="CASCADE"), nullable=False
+    )
+
+
+# Account-level personalization (a Profile as JSON): one row per user.
+profiles = sa.Table(
+    "profiles",
+    metadata,
+    sa.Column(
+        "user_id", sa.String(36), sa.ForeignKey("users.id", ondelete="CASCADE"), primary_key=True
+    ),
+    sa.Column("data", sa.JSON, nullable=False),
+    sa.Column("updated_at", Timestamp, nullable=False),
+)
+
+# Personalities a user defines.
+personas = sa.Table(
+    "personas",
+    metadata,
+    sa.Column("id", sa.String(36), primary_key=True),
+    _owner(),
+    sa.Column("data", sa.JSON, nullable=False),
+    sa.Column("created_at", Timestamp, nullable=False),
+    sa.Column("updated_at", Timestamp, nullable=False),
+    sa.Index("ix_personas_user", "user_id"),
+)
+
+# Saved memories, versioned: an edit or a contradicting fact inserts a new row that
+# `supersedes` the old one, which stays as history (status "superseded"). A deletion keeps
+# the row only for the undo window with status "deleted"; the purge then erases it.
+memories = sa.Table(
+    "memories",
+    metadata,
+    sa.Column(
+        "id",
+        sa.BigInteger().with_variant(sa.Integer, "sqlite"),
+        primary_key=True,
+        autoincrement=True,
+    ),
+    _owner(),
+    sa.Column("kind", sa.String(16), nullable=False),
+    sa.Column("subject", sa.String(100), nullable=True),
+    sa.Column("text", sa.Text, nullable=False),
+    sa.Column("language", sa.String(8), nullable=False),
+    sa.Column("status", sa.String(16), nullable=False),
+    sa.Column("origin", sa.String(16), nullable=False),
+    sa.Column("supersedes_id", sa.BigInteger, nullable=True),
+    sa.Column(
+        "source_message_id",
+        sa.BigInteger,
+        sa.ForeignKey("messages.id", ondelete="SET NULL"),
+        nullable=True,
+    ),
+    sa.Column("conversation_id", sa.String(36), nullable=True),
+    # The message that asked to forget it ("forget that ..."), for the chat's chip.
+    sa.Column("forgotten_by", sa.BigInteger, nullable=True),
+    sa.Column("created_at", Timestamp, nullable=False),
+    sa.Column("updated_at", Timestamp, nullable=False),
+    sa.Index("ix_memories_user_status", "user_id", "status"),
+    sa.Index("ix_memories_source", "source_message_id"),
+)
+
+# What retrieval searches: saved memories and past messages, with their embeddings. `rev`
+# is the owner's change counter (recall_state) at the item's last change, so a process
+# brings its in-memory index up to date by reading only what changed since it last looked.
+recall_items = sa.Table(
+    "recall_items",
+    metadata,
+    sa.Column(
+        "id",
+        sa.BigInteger().with_variant(sa.Integer, "sqlite"),
+        primary_key=True,
+        autoincrement=True,
+    ),
+    _owner(),
+    sa.Column("kind", sa.String(16), nullable=False),
+    sa.Column("ref_id", sa.BigInteger, nullable=False),
+    sa.Column("conversation_id", sa.String(36), nullable=True),
+    sa.Column("text", sa.Text, nullable=False),
+    sa.Column("vector", sa.LargeBinary, nullable=True),
+    sa.Column("removed", sa.Boolean, nullable=False),
+    sa.Column("rev", sa.BigInteger, nullable=False),
+    sa.Column("created_at", Timestamp, nullable=False),
+    sa.UniqueConstraint("user_id", "kind", "ref_id", name="uq_recall_items_ref"),
+    sa.Index("ix_recall_items_user_rev", "user_id", "rev"),
+)
+
+recall_state = sa.Table(
+    "recall_state",
+    metadata,
+    sa.Column(
+        "user_id", sa.String(36), sa.ForeignKey("users.id", ondelete="CASCADE"), primary_key=True
+    ),
+    sa.Column("rev", sa.BigInteger, nullable=False),
 )

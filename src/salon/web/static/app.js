@@ -7,6 +7,7 @@
 import { Marked } from './vendor/marked.esm.js';
 import DOMPurify from './vendor/purify.es.mjs';
 import hljs from './vendor/highlight.min.js';
+import { setupPersonalization } from './personalization.js';
 
 // ---------------------------------------------------------------------------------------
 // Small helpers
@@ -710,6 +711,7 @@ function updateConvEverywhere(conv, fields) {
 /** Put a conversation at the top of the list (it just got a message). */
 function bumpConversation(conv) {
   if (side.q) return; // the filtered list keeps its order; it refreshes on the next search
+  if (conv.temporary) return; // temporary chats are not listed
   side.items = [conv, ...side.items.filter((c) => c.id !== conv.id)];
   renderConvList();
 }
@@ -837,6 +839,7 @@ function closeAllStreams() {
 }
 
 function newChat() {
+  pers.onNewChat();
   resetChat();
   chat.model = models.default;
   renderChatHeader();
@@ -862,6 +865,7 @@ function renderChatHeader() {
   picker.replaceChildren(...ids.map((id) => h('option', { value: id },
     models.list.includes(id) ? id : `${id} (not available)`)));
   if (current) picker.value = current;
+  pers.onHeader();
 }
 
 $('model-picker').addEventListener('change', async () => {
@@ -929,6 +933,7 @@ async function openConversation(id) {
   scrollToBottom();
   attachStreaming();
   updateComposer();
+  pers.onConversationOpened();
   if (window.matchMedia('(pointer: fine)').matches) $('composer').focus();
 }
 
@@ -1022,6 +1027,7 @@ function fillMessageEl(el, msg) {
   body.append(content);
   const note = safetyNote(msg);
   if (note) body.append(note);
+  pers.decorateMessage(msg, body);
 
   if (msg.role === 'assistant' && ['stopped', 'incomplete', 'error'].includes(msg.status)) {
     body.append(statusBox(msg));
@@ -1209,6 +1215,7 @@ function attach(msg) {
       if (token !== chat.token) return;
       chat.streams.delete(key);
       finishMessage(key, final && final.id !== undefined ? final : { ...findMessage(key), status: 'complete' });
+      pers.onAnswerDone(findMessage(key) || final);
     },
     onError: (data) => {
       if (token !== chat.token) return;
@@ -1272,10 +1279,11 @@ async function send() {
   try {
     let conv = chat.conv;
     if (!conv) {
-      const body = {};
+      const body = { ...pers.newConversationFields() };
       if (models.list.length) body.model = currentModel();
       conv = await api('POST', '/api/conversations', body);
       chat.conv = conv;
+      pers.onConversationCreated(conv);
       history.pushState(null, '', convPath(conv.id));
       renderChatHeader();
     }
@@ -1296,6 +1304,7 @@ async function send() {
     refreshActions();
     scrollToBottom();
     if (result.assistant_message.status === 'streaming') attach(result.assistant_message);
+    else pers.onAnswerDone(result.assistant_message); // a fast model may be done already
     bumpConversation({ ...conv, updated_at: result.user_message.created_at || conv.updated_at });
     refreshConversation(conv.id); // the server may have titled it after the first message
   } catch (err) {
@@ -1370,6 +1379,7 @@ async function regenerate(msg) {
     refreshActions();
     scrollToBottom();
     if (fresh.status === 'streaming') attach(fresh);
+    else pers.onAnswerDone(fresh);
     updateComposer();
   } catch (err) {
     toast(`Could not regenerate: ${err.message}`);
@@ -1672,6 +1682,14 @@ $('signup-toggle').addEventListener('change', async () => {
   } finally {
     toggle.disabled = false;
   }
+});
+
+// ---------------------------------------------------------------------------------------
+// Personalization, memory and temporary chats (personalization.js)
+
+const pers = setupPersonalization({
+  $, h, icon, api, toast, debounce, formatDate, sleep, copyButton, confirmDialog,
+  chat, currentModel, navigate, reloadMessages, rerender, findMessage, closeSidebar,
 });
 
 // ---------------------------------------------------------------------------------------

@@ -1,0 +1,2 @@
+"""Personalization: personalities, characteristics, custom instructions, memory — and the
+checks that enforce them on every reply."""
