@@ -8,6 +8,7 @@ import logging
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from datetime import timedelta
+from pathlib import Path
 
 from sqlalchemy.ext.asyncio import AsyncEngine
 from starlette.applications import Starlette
@@ -31,7 +32,12 @@ from salon.chat.service import ChatLimits, ChatService, utcnow
 from salon.domain import SamplingParams
 from salon.errors import SalonError
 from salon.observability.metrics import Metrics
-from salon.personalization.embeddings import Embedder, HashingEmbedder, default_embedder
+from salon.personalization.embeddings import (
+    Embedder,
+    HashingEmbedder,
+    MiniLM,
+    default_embedder,
+)
 from salon.personalization.memory import MemoryService
 from salon.personalization.presets import SHIPPED, load_presets
 from salon.personalization.service import Personalizer
@@ -118,7 +124,14 @@ def _personalizer(settings: Settings, engine: AsyncEngine) -> Personalizer:
     config = settings.personalization
 
     def embedder() -> Embedder:
-        return HashingEmbedder() if config.embedder == "hashing" else default_embedder()
+        choice = config.embedder
+        if choice == "hashing":
+            return HashingEmbedder()
+        if choice == "minilm":
+            return default_embedder()
+        if choice.startswith("hf:"):
+            return MiniLM.from_hub(choice[3:], settings.model_cache_dir / "embeddings")
+        return MiniLM.load(Path(choice))
 
     memory = MemoryService(
         MemoryStore(engine),

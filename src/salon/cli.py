@@ -231,8 +231,15 @@ async def _style_suite(settings: Settings, args: argparse.Namespace) -> str:
     cases, filler = suite.load_cases(args.cases or suite.CASES, depths, args.per_setting)
     cases = cases[: args.limit] if args.limit else cases
     with tempfile.TemporaryDirectory(prefix="salon-eval-") as scratch:
+        # Memory extraction is not what this suite measures, and would double its time.
+        quiet = settings.personalization.model_copy(update={"extraction": "off"})
         isolated = settings.model_copy(
-            update={"data_dir": Path(scratch), "database_url": None, "models": [model]}
+            update={
+                "data_dir": Path(scratch),
+                "database_url": None,
+                "models": [model],
+                "personalization": quiet,
+            }
         )
         async with services(isolated, progress, sampling=suite.SAMPLING) as built:
             pipeline = suite.Pipeline(built.accounts, built.chat, built.personalizer)

@@ -25,10 +25,14 @@ class SalonError(Exception):
     status = 500
     code = "internal_error"
 
-    def __init__(self, message: str, *, param: str | None = None) -> None:
+    def __init__(
+        self, message: str, *, param: str | None = None, retry_after_s: float | None = None
+    ) -> None:
         super().__init__(message)
         self.message = message
         self.param = param
+        # When trying again makes sense, and not before (sent as Retry-After).
+        self.retry_after_s = retry_after_s
 
 
 class InvalidRequest(SalonError):

@@ -47,6 +47,43 @@ class ProviderSettings(BaseModel):
         return self.kind != "openai"
 
 
+class RoutePolicy(BaseModel):
+    """How a route (`salon.backends.router.Router`) treats its targets. Defaults suit an
+    interactive chat: a dead target costs one connection attempt, a hung one one
+    `first_token_timeout_s`, and after `failures_to_open` of either it is skipped at once."""
+
+    # A target that sends no first token within this long has failed (and the next is tried).
+    first_token_timeout_s: float = Field(30.0, gt=0)
+    # When the first token is this late, ask a second target too; the first to answer wins.
+    hedge_after_s: float = Field(0.0, ge=0)  # 0 = off
+    # Consecutive failures that open a target's circuit breaker (it is then skipped).
+    failures_to_open: int = Field(3, ge=1)
+    # How long an open breaker skips its target before one trial request may use it.
+    cooldown_s: float = Field(15.0, ge=0)
+    # Targets tried per request (failover and hedging), each at most once.
+    max_attempts: int = Field(3, ge=1)
+    # No new attempt starts this long after the request began.
+    budget_s: float = Field(60.0, gt=0)
+    # While a breaker is open, probe the target (`GET /models`) this often; 0 = off.
+    probe_interval_s: float = Field(5.0, ge=0)
+    probe_timeout_s: float = Field(2.0, gt=0)
+
+
+class RouteSettings(RoutePolicy):
+    """One logical model served by several `provider:model` targets, in order of preference."""
+
+    targets: list[str] = Field(min_length=1)
+
+    @field_validator("targets")
+    @classmethod
+    def _check_targets(cls, value: list[str]) -> list[str]:
+        for target in value:
+            provider, sep, name = target.partition(":")
+            if not sep or not provider or not name:
+                raise ValueError(f"route target {target!r} is not of the form provider:model")
+        return value
+
+
 class EmbeddedSettings(BaseModel):
     threads: int | None = None  # None: all cores
     context_size: int = 8192
@@ -60,9 +97,12 @@ class PersonalizationSettings(BaseModel):
     # while no reply is generated), by high-precision rules only ("rules"), or not ("off").
     # Explicit requests ("remember that ...") are always honoured while memory is on.
     extraction: Literal["model", "rules", "off"] = "model"
-    # The sentence-embedding model behind memory search: the packaged all-MiniLM-L6-v2,
-    # or "hashing" (no model; lexical-quality only, for tiny installs and tests).
-    embedder: Literal["minilm", "hashing"] = "minilm"
+    # The sentence-embedding model behind memory search: "minilm" (the packaged
+    # all-MiniLM-L6-v2), "hashing" (no model; lexical quality only), a sentence-transformers
+    # BERT folder, or "hf:<repo>" to fetch one from the Hugging Face Hub (needs network and
+    # huggingface_hub), e.g. hf:sentence-transformers/paraphrase-multilingual-MiniLM-L12-v2
+    # for users who write in many languages.
+    embedder: str = "minilm"
     # Check every reply against the checkable settings and repair what fails.
     enforce: bool = True
     # A failed check that only a new answer can repair gets one, if the first answer took
@@ -88,6 +128,8 @@ class Settings(BaseSettings):
     # Active models as `provider:model` ids; the first is the default.
     models: Annotated[list[str], NoDecode] = Field(default_factory=lambda: [DEFAULT_MODEL])
     providers: dict[str, ProviderSettings] = Field(default_factory=dict)
+    # Logical model ids (listed in `models` like any other) served by several targets.
+    routes: dict[str, RouteSettings] = Field(default_factory=dict)
     embedded: EmbeddedSettings = Field(default_factory=EmbeddedSettings)
     personalization: PersonalizationSettings = Field(default_factory=PersonalizationSettings)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
@@ -28,8 +29,16 @@ def error_body(status: int, message: str, code: str, param: str | None = None) -
     return {"error": {"message": message, "type": kind, "param": param, "code": code}}
 
 
-def error_response(status: int, message: str, code: str, param: str | None = None) -> Response:
-    headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
+def error_response(
+    status: int,
+    message: str,
+    code: str,
+    param: str | None = None,
+    retry_after_s: float | None = None,
+) -> Response:
+    headers = {"WWW-Authenticate": "Bearer"} if status == 401 else {}
+    if retry_after_s is not None:
+        headers["Retry-After"] = str(max(1, math.ceil(retry_after_s)))
     return JSONResponse(error_body(status, message, code, param), status, headers=headers)
 
 
@@ -37,7 +46,7 @@ async def salon_error(_request: Request, exc: Exception) -> Response:
     assert isinstance(exc, SalonError)
     if exc.status >= 500:
         log.warning("%s: %s", exc.code, exc.message)
-    return error_response(exc.status, exc.message, exc.code, exc.param)
+    return error_response(exc.status, exc.message, exc.code, exc.param, exc.retry_after_s)
 
 
 async def http_error(_request: Request, exc: Exception) -> Response:

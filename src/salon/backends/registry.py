@@ -1,5 +1,6 @@
 """Turns configured `provider:model` ids into backends. Several models can be active at
-once; each provider's backend is built once and shared by its models."""
+once; each provider's backend is built once and shared by its models. An id with a
+`routes` entry becomes a `Router` over its targets (which share those backends too)."""
 
 from __future__ import annotations
 
@@ -10,9 +11,10 @@ from salon.backends.base import TextBackend
 from salon.backends.fakes import FakeBackend
 from salon.backends.instrumented import InstrumentedBackend
 from salon.backends.openai_http import OpenAIHttpBackend
+from salon.backends.router import Probe, Router, Target, models_probe
 from salon.errors import ConfigError, UnknownModel
 from salon.observability.metrics import Metrics
-from salon.settings import ProviderSettings, Settings
+from salon.settings import ProviderSettings, RouteSettings, Settings
 
 Progress = Callable[[str], None]
 
@@ -45,12 +47,22 @@ class BackendRegistry:
         self._backends: dict[str, TextBackend] = {}  # as built, unwrapped
         self._measured: dict[str, TextBackend] = {}
         self._routes: dict[str, ModelRoute] = {}
+        self._routers: list[Router] = []
+        # Each model id's (provider, model) pairs: one, or a route's targets.
+        self._parts: dict[str, list[tuple[str, str]]] = {}
         for model_id in settings.models:
             provider, _, name = model_id.partition(":")
-            backend = self._backend(provider)
-            self._routes[model_id] = ModelRoute(
-                model_id, provider, name, backend, self._config(provider).shares_personal_data
-            )
+            route = settings.routes.get(model_id)
+            if route is None:
+                parts = [(provider, name)]
+                backend = self._backend(provider)
+            else:
+                parts = [_split(target) for target in route.targets]
+                backend = self._router(model_id, route, parts)
+            self._parts[model_id] = parts
+            # A route may carry personal data only if every target it can fail over to may.
+            personal = all(self._config(p).shares_personal_data for p, _ in parts)
+            self._routes[model_id] = ModelRoute(model_id, provider, name, backend, personal)
 
     @property
     def ids(self) -> list[str]:
@@ -90,6 +102,24 @@ class BackendRegistry:
             )
         return self._measured[provider]
 
+    def _router(self, route_id: str, route: RouteSettings, parts: list[tuple[str, str]]) -> Router:
+        targets = [
+            Target(f"{provider}:{name}", self._backend(provider), name, self._probe(provider))
+            for provider, name in parts
+        ]
+        metrics = self._metrics.route(route_id) if self._metrics is not None else None
+        # The targets are the shared per-provider backends: the registry closes those.
+        router = Router(route_id, targets, route, metrics=metrics, close_targets=False)
+        self._routers.append(router)
+        return router
+
+    def _probe(self, provider: str) -> Probe | None:
+        config = self._config(provider)
+        if config.kind != "openai" or not config.base_url:
+            return None
+        key = config.api_key.get_secret_value() if config.api_key else None
+        return models_probe(config.base_url, key)
+
     def _build(self, provider: str, config: ProviderSettings) -> TextBackend:
         if config.kind == "fake":
             return FakeBackend(config.fake_delay_s)
@@ -111,11 +141,19 @@ class BackendRegistry:
 
     async def warm_up(self) -> None:
         """Load the embedded models now rather than on the first message."""
-        for route in self._routes.values():
-            load = getattr(self._backends[route.provider], "load", None)
-            if load is not None:
-                await load(route.name, self._progress)
+        for parts in self._parts.values():
+            for provider, name in parts:
+                load = getattr(self._backends[provider], "load", None)
+                if load is not None:
+                    await load(name, self._progress)
 
     async def close(self) -> None:
+        for router in self._routers:  # their probes first, then the backends they use
+            await router.close()
         for backend in self._backends.values():
             await backend.close()
+
+
+def _split(target: str) -> tuple[str, str]:
+    provider, _, name = target.partition(":")
+    return provider, name

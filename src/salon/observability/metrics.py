@@ -97,6 +97,22 @@ class ModelMetrics:
         self._last_error.labels(self.backend).set(time.time())
 
 
+@dataclass(frozen=True, slots=True)
+class RouteMetrics:
+    """A router's metrics (salon.backends.router): breaker state per target and failovers.
+    Both change rarely (a state change, a failed attempt), so children are looked up per call."""
+
+    route: str
+    _breaker: Gauge
+    _failovers: Counter
+
+    def breaker(self, target: str, state: int) -> None:
+        self._breaker.labels(self.route, target).set(state)
+
+    def failover(self, target: str) -> None:
+        self._failovers.labels(self.route, target).inc()
+
+
 class Metrics:
     content_type = CONTENT_TYPE_LATEST
 
@@ -159,6 +175,18 @@ class Metrics:
             buckets=HTTP_BUCKETS,
             registry=r,
         )
+        self._route_breaker = Gauge(
+            "salon_route_breaker_state",
+            "A route target's circuit breaker: 0 closed, 1 half-open, 2 open (skipped).",
+            ("route", "target"),
+            registry=r,
+        )
+        self._route_failovers = Counter(
+            "salon_route_failovers",
+            "Attempts of a route that failed before the first token (the next target was tried).",
+            ("route", "target"),
+            registry=r,
+        )
         self._models: dict[tuple[str, str], ModelMetrics] = {}
         self._http: dict[tuple[str, str, int], tuple[Counter, Histogram]] = {}
 
@@ -178,6 +206,9 @@ class Metrics:
             )
             self._models[(backend, model)] = found
         return found
+
+    def route(self, route: str) -> RouteMetrics:
+        return RouteMetrics(route, self._route_breaker, self._route_failovers)
 
     def http(self, method: str, route: str, status: int, seconds: float) -> None:
         key = (method, route, status)

@@ -126,14 +126,21 @@ class Personalizer:
     # -- one turn ------------------------------------------------------------------------
 
     async def effective(self, user_id: str, overrides: dict[str, Any] | None) -> Effective:
+        return await self._effective(user_id, await self.profile(user_id), overrides)
+
+    async def _effective(
+        self, user_id: str, profile: Profile, overrides: dict[str, Any] | None
+    ) -> Effective:
         """Account → persona/preset → conversation, each field from the highest layer
         that sets it."""
-        profile = await self.profile(user_id)
         patch = ProfilePatch.model_validate(overrides) if overrides else ProfilePatch()
-        sources = {"personality": "account", "characteristics": "account"}
-        personality = profile.personality
-        if patch.personality:
-            personality, sources["personality"] = patch.personality, "conversation"
+        personality = patch.personality or profile.personality
+        sources = {
+            "personality": "conversation" if patch.personality else "account",
+            "characteristics": "account",
+        }
+        if personality.startswith(PERSONA_PREFIX) and not patch.personality:
+            sources["personality"] = "persona"
         name, text, traits, length = await self._personality(user_id, personality)
         # A preset's traits apply where the user left a characteristic at "default".
         characteristics = merge_characteristics(
@@ -170,8 +177,8 @@ class Personalizer:
         share_personal: bool,
     ) -> TurnContext:
         """The instruction stack, recalled memories and checks for the next turn."""
-        effective = await self.effective(user_id, conversation.settings)
         profile = await self.profile(user_id)
+        effective = await self._effective(user_id, profile, conversation.settings)
         preset = self._presets.get(effective.personality)
         constraints = derive_constraints(
             effective, message, personality_constraints=preset.constraints if preset else {}
