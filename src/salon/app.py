@@ -24,13 +24,14 @@ from salon.api import personalization as personalization_routes
 from salon.api.context import Services
 from salon.api.errors import HANDLERS
 from salon.api.middleware import ObservabilityMiddleware
-from salon.backends.registry import BackendRegistry
+from salon.backends.registry import BUILT_IN, BackendRegistry
+from salon.chat.admission import Admission, Limiter, QueuePolicy, RateLimits
 from salon.chat.gateway import Gateway
 from salon.chat.jobs import JobRunner
 from salon.chat.safety import SafetyGate
 from salon.chat.service import ChatLimits, ChatService, utcnow
 from salon.domain import SamplingParams
-from salon.errors import SalonError
+from salon.errors import ConfigError, SalonError
 from salon.observability.metrics import Metrics
 from salon.personalization.embeddings import (
     Embedder,
@@ -44,6 +45,7 @@ from salon.personalization.service import Personalizer
 from salon.settings import Settings
 from salon.store.accounts import AccountStore
 from salon.store.conversations import ConversationStore
+from salon.store.counters import Counters, InMemoryCounters, RedisCounters
 from salon.store.db import create_engine, migrate
 from salon.store.memories import MemoryStore
 from salon.store.profiles import ProfileStore
@@ -73,7 +75,9 @@ async def services(
     if interrupted:
         log.info("%d generations were interrupted by the last shutdown", interrupted)
     registry = BackendRegistry(settings, progress, metrics)
-    runner = JobRunner(conversations, settings.flush_interval_s, utcnow)
+    account_store = AccountStore(engine)
+    admission = _admission(settings, account_store, metrics)
+    runner = JobRunner(conversations, settings.flush_interval_s, utcnow, admission)
     limits = ChatLimits(
         max_message_chars=settings.max_message_chars,
         context_max_chars=settings.context_max_chars,
@@ -93,7 +97,7 @@ async def services(
     try:
         yield Services(
             accounts=AccountService(
-                AccountStore(engine),
+                account_store,
                 session_days=settings.session_days,
                 signup_default=settings.signup_open,
             ),
@@ -104,9 +108,11 @@ async def services(
                 limits,
                 safety=safety,
                 personalizer=personalizer,
+                admission=admission,
             ),
             personalizer=personalizer,
-            gateway=Gateway(registry, safety),
+            gateway=Gateway(registry, safety, admission),
+            admission=admission,
             max_body_bytes=settings.max_body_bytes,
             secure_cookies=settings.secure_cookies,
             session_days=settings.session_days,
@@ -116,8 +122,58 @@ async def services(
             loading.cancel()
         await personalizer.memory.close()
         await runner.shutdown()
+        await admission.close()
         await registry.close()
         await engine.dispose()
+
+
+def _admission(settings: Settings, store: AccountStore, metrics: Metrics | None) -> Admission:
+    """Queues per model and the per-caller limits, counted in Redis when one is configured."""
+    config = settings.limits
+    if config.fallback_model is not None and config.fallback_model not in settings.models:
+        raise ConfigError(f"limits.fallback_model {config.fallback_model!r} is not in models")
+    counters: Counters = (
+        RedisCounters(settings.redis_url, prefix=settings.redis_key_prefix)
+        if settings.redis_url
+        else InMemoryCounters()
+    )
+    defaults = RateLimits(
+        user_requests_per_minute=config.user_requests_per_minute,
+        user_tokens_per_day=config.user_tokens_per_day,
+        key_requests_per_minute=config.key_requests_per_minute,
+        key_tokens_per_day=config.key_tokens_per_day,
+    )
+
+    def policy(model_id: str) -> QueuePolicy:
+        own = config.models.get(model_id)
+        concurrent = own.max_concurrent if own and own.max_concurrent is not None else None
+        queue = own.max_queue if own and own.max_queue is not None else config.max_queue
+        timeout = own.queue_timeout_s if own and own.queue_timeout_s else config.queue_timeout_s
+        if concurrent is None:
+            concurrent = _default_concurrency(settings, model_id)
+        return QueuePolicy(concurrent, queue, timeout)
+
+    return Admission(
+        Limiter(counters, defaults, store),
+        policy,
+        metrics=metrics,
+        fallback_model=config.fallback_model,
+    )
+
+
+def _default_concurrency(settings: Settings, model_id: str) -> int:
+    """`limits.max_concurrent`, else by provider: the embedded engine's slots, 4 for the
+    others; a route adds up its targets' (each target serves its share)."""
+    if settings.limits.max_concurrent is not None:
+        return settings.limits.max_concurrent
+    route = settings.routes.get(model_id)
+    targets = route.targets if route else [model_id]
+    providers = [target.partition(":")[0] for target in targets]
+    total = 0
+    for provider in providers:
+        config = settings.providers.get(provider) or BUILT_IN.get(provider)
+        total += settings.embedded.slots if config and config.kind == "embedded" else 4
+    return total
 
 
 def _personalizer(settings: Settings, engine: AsyncEngine) -> Personalizer:

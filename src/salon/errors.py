@@ -9,6 +9,9 @@
     │   └── UnknownModel             404 model_not_found
     ├── Conflict                     409 conflict
     ├── PayloadTooLarge              413 payload_too_large
+    ├── RateLimited                  429 rate_limit_exceeded  (requests per minute)
+    │   └── QuotaExceeded            429 quota_exceeded       (completion tokens per day)
+    ├── Overloaded                   503 overloaded           (a model's queue is full or slow)
     ├── ConfigError                  500 configuration_error  (raised at start-up)
     └── BackendError                 502 backend_error
         ├── BackendUnavailable       503 backend_unavailable   (cannot connect, 5xx)
@@ -71,6 +74,25 @@ class Conflict(SalonError):
 class PayloadTooLarge(SalonError):
     status = 413
     code = "payload_too_large"
+
+
+class RateLimited(SalonError):
+    """The caller (a user or an API key) is over its own limit: its fault, so 429."""
+
+    status = 429
+    code = "rate_limit_exceeded"
+
+
+class QuotaExceeded(RateLimited):
+    code = "quota_exceeded"
+
+
+class Overloaded(SalonError):
+    """salon itself is at capacity for a model (queue full, or the wait ran out): not the
+    caller's fault, so 503. Not a BackendError: a router must not fail over on it."""
+
+    status = 503
+    code = "overloaded"
 
 
 class ConfigError(SalonError):

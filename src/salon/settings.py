@@ -113,6 +113,36 @@ class PersonalizationSettings(BaseModel):
     personalities_file: Path | None = None  # default: the shipped presets
 
 
+class ModelLimits(BaseModel):
+    """One model's admission limits; unset fields take the `limits` section's values."""
+
+    max_concurrent: int | None = Field(None, ge=0)
+    max_queue: int | None = Field(None, ge=0)
+    queue_timeout_s: float | None = Field(None, gt=0)
+
+
+class LimitsSettings(BaseModel):
+    """Admission control and per-caller limits (docs/architecture.md, "Admission and limits")."""
+
+    # Generations one model runs at once. Unset: 4 for an OpenAI-compatible provider (and the
+    # fakes), `embedded.slots` for the embedded one; a route adds up its targets'. 0 = no limit.
+    max_concurrent: int | None = Field(None, ge=0)
+    # Requests that may wait for a slot; one more is refused at once (503 overloaded).
+    max_queue: int = Field(64, ge=0)
+    # A request still waiting after this long is refused (503 overloaded).
+    queue_timeout_s: float = Field(60.0, gt=0)
+    # Per model id (TOML, or JSON in SALON_LIMITS__MODELS).
+    models: dict[str, ModelLimits] = Field(default_factory=dict)
+    # Per-caller limits, 0 = unlimited. The admin changes the user_* and key_* values at run
+    # time (PATCH /api/admin/settings); these are the start-up defaults.
+    user_requests_per_minute: int = Field(0, ge=0)
+    user_tokens_per_day: int = Field(0, ge=0)  # completion tokens, per UTC day
+    key_requests_per_minute: int = Field(0, ge=0)  # per API key (the /v1 API)
+    key_tokens_per_day: int = Field(0, ge=0)
+    # A configured model id that serves a user whose daily tokens ran out, instead of a 429.
+    fallback_model: str | None = None
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="SALON_",
@@ -132,6 +162,12 @@ class Settings(BaseSettings):
     routes: dict[str, RouteSettings] = Field(default_factory=dict)
     embedded: EmbeddedSettings = Field(default_factory=EmbeddedSettings)
     personalization: PersonalizationSettings = Field(default_factory=PersonalizationSettings)
+    limits: LimitsSettings = Field(default_factory=LimitsSettings)
+    # Rate-limit and quota counters shared by several salon processes, e.g.
+    # redis://127.0.0.1:6379/0. Unset: counted in this process.
+    redis_url: str | None = None
+    # Prefix of salon's keys in that Redis (several instances may share one Redis).
+    redis_key_prefix: str = "salon:"
 
     signup_open: bool = True  # initial value; the admin changes it at run time
     session_days: int = 30

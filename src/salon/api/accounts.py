@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from pydantic import BaseModel
+from dataclasses import asdict
+
+from pydantic import BaseModel, Field
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
@@ -21,6 +23,15 @@ class Credentials(BaseModel):
 
 class KeyInput(BaseModel):
     name: str
+
+
+class LimitChanges(BaseModel):
+    """Per-caller limits (0 = unlimited); an absent field keeps its value."""
+
+    user_requests_per_minute: int | None = Field(default=None, ge=0)
+    user_tokens_per_day: int | None = Field(default=None, ge=0)
+    key_requests_per_minute: int | None = Field(default=None, ge=0)
+    key_tokens_per_day: int | None = Field(default=None, ge=0)
 
 
 class AdminSettings(BaseModel):
@@ -95,6 +106,16 @@ async def admin_settings(request: Request) -> Response:
     return JSONResponse({"signup_open": await accounts.signup_open()})
 
 
+async def admin_limits(request: Request) -> Response:
+    """The per-caller limits in force; PATCH changes them for every process at run time."""
+    await admin_user(request)
+    limiter = services(request).admission.limiter
+    if request.method == "PATCH":
+        body = await read_json(request, LimitChanges)
+        return JSONResponse(asdict(await limiter.update(body.model_dump(exclude_none=True))))
+    return JSONResponse(asdict(await limiter.current()))
+
+
 async def admin_users(request: Request) -> Response:
     await admin_user(request)
     users = await services(request).accounts.users()
@@ -113,4 +134,5 @@ def routes() -> list[BaseRoute]:
         Route("/api/keys/{key_id}", delete_key, methods=["DELETE"]),
         Route("/api/admin/settings", admin_settings, methods=["GET", "PATCH"]),
         Route("/api/admin/users", admin_users),
+        Route("/api/admin/limits", admin_limits, methods=["GET", "PATCH"]),
     ]

@@ -8,6 +8,7 @@ from typing import cast
 from starlette.requests import HTTPConnection
 
 from salon.accounts.service import AccountService
+from salon.chat.admission import Admission
 from salon.chat.gateway import Gateway
 from salon.chat.service import ChatService
 from salon.personalization.service import Personalizer
@@ -22,6 +23,7 @@ class Services:
     max_body_bytes: int
     secure_cookies: bool
     session_days: int
+    admission: Admission
 
 
 def services(request: HTTPConnection) -> Services:

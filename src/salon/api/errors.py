@@ -44,8 +44,11 @@ def error_response(
 
 async def salon_error(_request: Request, exc: Exception) -> Response:
     assert isinstance(exc, SalonError)
+    # A refusal with a known wait (overload, an open circuit) is the system working as
+    # designed; under load it would be one warning per request.
     if exc.status >= 500:
-        log.warning("%s: %s", exc.code, exc.message)
+        level = logging.INFO if exc.retry_after_s is not None else logging.WARNING
+        log.log(level, "%s: %s", exc.code, exc.message)
     return error_response(exc.status, exc.message, exc.code, exc.param, exc.retry_after_s)
 
 

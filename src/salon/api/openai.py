@@ -7,6 +7,7 @@ for one as the backend yields them, and nothing here touches the store.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import os
 import time
@@ -22,10 +23,11 @@ from starlette.routing import BaseRoute, Route
 from starlette.types import Receive, Scope, Send
 
 from salon.api import sse
-from salon.api.auth import api_key_user
+from salon.api.auth import api_key_user, bearer
 from salon.api.context import services
 from salon.api.errors import error_body
 from salon.api.inputs import read_json
+from salon.chat.admission import Caller
 from salon.domain import (
     ChatMessage,
     Finished,
@@ -109,7 +111,11 @@ async def chat_completions(request: Request) -> Response:
     user = await api_key_user(request)
     body = await read_json(request, ChatCompletionInput)
     events = services(request).gateway.stream(
-        body.model, body.chat_messages(), body.params(), session_key=body.user or user.id
+        body.model,
+        body.chat_messages(),
+        body.params(),
+        session_key=body.user or user.id,
+        caller=Caller(user.id, _key_id(request)),
     )
     # The first event is awaited before answering, so that a backend that is down or a
     # prompt that is too long gets a proper HTTP error instead of a broken stream.
@@ -121,6 +127,12 @@ async def chat_completions(request: Request) -> Response:
         head = chunks.role() + _encode(first, chunks, include_usage)
         return EventStream(head, _rest(events, chunks, include_usage))
     return JSONResponse(await _collect(first, events, completion_id, body.model))
+
+
+def _key_id(request: Request) -> str | None:
+    """The API key's identity for per-key limits: a short digest, never the key itself."""
+    token = bearer(request)
+    return hashlib.sha256(token.encode()).hexdigest()[:24] if token else None
 
 
 async def _first(events: AsyncGenerator[StreamEvent, None]) -> StreamEvent:

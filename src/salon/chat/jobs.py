@@ -19,6 +19,7 @@ from datetime import datetime
 from typing import Any
 
 from salon.backends.registry import ModelRoute
+from salon.chat.admission import Admission, Caller
 from salon.chat.personal import Enforcement
 from salon.chat.safety import Recovery
 from salon.domain import CompletionRequest, MessageStatus, StreamEvent, TextDelta, Usage
@@ -74,6 +75,8 @@ class GenerationJob:
         self.personalization: dict[str, Any] | None = None
         self.revised_by: int | None = None
         self.started = time.monotonic()
+        # Whose generation it is: fairness in the model's queue and token quotas.
+        self.user_id = ""
 
     @property
     def length(self) -> int:
@@ -138,11 +141,19 @@ class GenerationJob:
 class JobRunner:
     """Starts, tracks and stops generation jobs; owns their persistence."""
 
-    def __init__(self, store: ConversationStore, flush_interval_s: float, clock: Clock) -> None:
+    def __init__(
+        self,
+        store: ConversationStore,
+        flush_interval_s: float,
+        clock: Clock,
+        admission: Admission | None = None,
+    ) -> None:
         self._store = store
         self._flush_interval_s = flush_interval_s
         self._clock = clock
         self._jobs: dict[int, GenerationJob] = {}
+        # Without it (tests, tools) a job generates at once, unlimited.
+        self._admission = admission
 
     def get(self, message_id: int) -> GenerationJob | None:
         return self._jobs.get(message_id)
@@ -164,12 +175,14 @@ class JobRunner:
         recovery: Recovery | None = None,
         enforcement: Enforcement | None = None,
         revise: Revise | None = None,
+        user_id: str = "",
     ) -> GenerationJob:
         """With `recovery`, the start of the answer is held back until the refusal detector
         has judged it; a refusal is then dropped and the request re-asked once. With
         `enforcement`, the text passes the deterministic repairs, the answer is checked at
         the end, and `revise` is asked for a revision when only a new answer can repair it."""
         job = GenerationJob(message_id, conversation_id, initial_text)
+        job.user_id = user_id
         if enforcement is not None:
             job.enforcer = enforcement.enforcer()
         self._jobs[message_id] = job
@@ -202,7 +215,7 @@ class JobRunner:
         revise: Revise | None = None,
     ) -> None:
         try:
-            usage = await self._generate(job, route, request, recovery)
+            usage = await self._admitted(job, route, request, recovery)
             if enforcement is not None:
                 await self._settle(job, enforcement, revise)
             await self._finish(job, MessageStatus.COMPLETE, usage=usage)
@@ -217,6 +230,30 @@ class JobRunner:
             )
         finally:
             self._jobs.pop(job.message_id, None)
+
+    async def _admitted(
+        self,
+        job: GenerationJob,
+        route: ModelRoute,
+        request: CompletionRequest,
+        recovery: Recovery | None,
+    ) -> Usage | None:
+        """The generation inside one of the model's slots (waiting in its queue if need be),
+        its tokens counted against the user's quota however it ends. A revision (started by
+        `_settle`) takes a slot of its own, so this one is released before it."""
+        admission = self._admission
+        if admission is None:
+            return await self._generate(job, route, request, recovery)
+        user = job.user_id or job.conversation_id
+        start, usage = job.length, None
+        async with admission.slot(route.id, user):
+            try:
+                usage = await self._generate(job, route, request, recovery)
+                return usage
+            finally:
+                # Without the backend's usage: about four characters a token.
+                tokens = usage.completion_tokens if usage else (job.length - start + 3) // 4
+                await admission.spend(Caller(user), tokens)
 
     async def _settle(
         self, job: GenerationJob, enforcement: Enforcement, revise: Revise | None

@@ -42,14 +42,16 @@ class Enforcement:
 
 
 def with_repair(
-    messages: Sequence[ChatMessage], failed: Sequence[CheckResult]
+    messages: Sequence[ChatMessage], failed: Sequence[CheckResult], answer: str
 ) -> tuple[ChatMessage, ...]:
-    """The same conversation with the repair instruction added to the system message."""
-    instruction = repair_instruction(failed)
-    if messages and messages[0].role == "system":
-        merged = ChatMessage("system", f"{messages[0].content}\n\n{instruction}")
-        return (merged, *messages[1:])
-    return (ChatMessage("system", instruction), *messages)
+    """The conversation the first answer was written for, that answer, and the request to
+    rewrite it: the instruction comes last, where even a small model heeds it after a long
+    history, and the prompt extends the one just processed (its cached prefix is reused)."""
+    return (
+        *messages,
+        ChatMessage("assistant", answer),
+        ChatMessage("user", repair_instruction(failed)),
+    )
 
 
 def _result(result: CheckResult) -> dict[str, Any]:

@@ -13,6 +13,7 @@ from typing import Any
 
 from salon.backends.base import complete
 from salon.backends.registry import BackendRegistry, ModelRoute
+from salon.chat.admission import Admission, Caller
 from salon.chat.jobs import Clock, Delta, Ended, GenerationJob, JobEvent, JobRunner
 from salon.chat.personal import Enforcement, with_repair
 from salon.chat.safety import GateVerdict, Recovery, SafetyGate
@@ -80,6 +81,7 @@ class ChatService:
         clock: Clock = utcnow,
         safety: SafetyGate | None = None,
         personalizer: Personalizer | None = None,
+        admission: Admission | None = None,
     ) -> None:
         self._store = store
         self._registry = registry
@@ -93,6 +95,8 @@ class ChatService:
         self._personalizer = personalizer
         self._memory = personalizer.memory if personalizer else None
         self._extraction: asyncio.Task[None] | None = None
+        # Rate limits, quotas and queue room, checked before a turn stores anything.
+        self._admission = admission
 
     # -- conversations -------------------------------------------------------------------
 
@@ -207,7 +211,7 @@ class ChatService:
         branch; otherwise `parent_id` says where (an edit makes a new branch)."""
         self._check_content(content)
         conversation = await self._store.get(user_id, conversation_id)
-        route = self._registry.resolve(model or conversation.model)
+        route = await self._admit(user_id, self._registry.resolve(model or conversation.model))
         parent = conversation.current_leaf_id if use_leaf else parent_id
         history = await self._history(user_id, conversation_id, parent, follows_answer=True)
         title = _title(content) if conversation.title == NEW_TITLE else None
@@ -245,7 +249,7 @@ class ChatService:
         """A new answer beside an existing one; the new one becomes the active branch."""
         old = await self._assistant(user_id, message_id)
         conversation = await self._store.get(user_id, old.conversation_id)
-        route = self._registry.resolve(conversation.model or old.model)
+        route = await self._admit(user_id, self._registry.resolve(conversation.model or old.model))
         history = await self._history(user_id, old.conversation_id, old.parent_id)
         verdict = self._check(history)
         (assistant,) = await self._store.append(
@@ -269,7 +273,7 @@ class ChatService:
                 f"this answer is {message.status.value}; only a stopped, "
                 "incomplete or failed answer can be continued"
             )
-        route = self._registry.resolve(message.model)
+        route = await self._admit(user_id, self._registry.resolve(message.model))
         history = await self._history(user_id, message.conversation_id, message.parent_id)
         if message.content:
             history.append(ChatMessage("assistant", message.content))
@@ -372,6 +376,7 @@ class ChatService:
             recovery,
             enforcement,
             self._reviser(assistant, route, request, enforcement),
+            user_id=assistant.user_id,
         )
         if not initial_text:
             self._after(job, assistant, route, request, conversation)
@@ -412,17 +417,29 @@ class ChatService:
                 [NewMessage("assistant", "", MessageStatus.STREAMING, route.id)],
                 self._clock(),
             )
-            retry = replace(request, messages=with_repair(request.messages, failed))
+            retry = replace(request, messages=with_repair(request.messages, failed, job.text()))
             self._runner.start(
                 revision.id,
                 revision.conversation_id,
                 route,
                 retry,
                 enforcement=enforcement.revision(original.id),
+                user_id=original.user_id,
             )
             return revision.id
 
         return revise
+
+    # -- admission control -----------------------------------------------------------------
+
+    async def _admit(self, user_id: str, route: ModelRoute) -> ModelRoute:
+        """Refuses a turn over the user's limits or into a full queue (nothing stored yet);
+        returns the route to use: the fallback model's once the user's tokens ran out. The
+        job itself waits for a slot (JobRunner)."""
+        if self._admission is None:
+            return route
+        model_id = await self._admission.admit(Caller(user_id), route.id)
+        return route if model_id == route.id else self._registry.resolve(model_id)
 
     # -- personalization -----------------------------------------------------------------
 

@@ -113,6 +113,20 @@ class RouteMetrics:
         self._failovers.labels(self.route, target).inc()
 
 
+@dataclass(frozen=True, slots=True)
+class QueueMetrics:
+    """One model's admission queue (salon.chat.admission): set on every change, which is
+    per request, not per chunk."""
+
+    model: str
+    depth: Gauge
+    in_flight: Gauge
+    _refused: Counter
+
+    def refused(self, reason: str) -> None:
+        self._refused.labels(self.model, reason).inc()
+
+
 class Metrics:
     content_type = CONTENT_TYPE_LATEST
 
@@ -187,6 +201,19 @@ class Metrics:
             ("route", "target"),
             registry=r,
         )
+        self._queue_depth = Gauge(
+            "salon_queue_depth", "Requests waiting for a generation slot.", ("model",), registry=r
+        )
+        self._queue_in_flight = Gauge(
+            "salon_queue_in_flight", "Generation slots in use.", ("model",), registry=r
+        )
+        self._refused = Counter(
+            "salon_admission_refused",
+            "Requests refused before generating, by reason: queue_full, queue_timeout, "
+            "rate_limit, quota.",
+            ("model", "reason"),
+            registry=r,
+        )
         self._models: dict[tuple[str, str], ModelMetrics] = {}
         self._http: dict[tuple[str, str, int], tuple[Counter, Histogram]] = {}
 
@@ -206,6 +233,14 @@ class Metrics:
             )
             self._models[(backend, model)] = found
         return found
+
+    def queue(self, model: str) -> QueueMetrics:
+        return QueueMetrics(
+            model,
+            self._queue_depth.labels(model),
+            self._queue_in_flight.labels(model),
+            self._refused,
+        )
 
     def route(self, route: str) -> RouteMetrics:
         return RouteMetrics(route, self._route_breaker, self._route_failovers)

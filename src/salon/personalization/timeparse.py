@@ -46,6 +46,55 @@ MONTHS = {
     )
     for name in names
 }
+# The other languages memory is tested in: month names (after a preposition only, since
+# "mars", "mayo", "mai" are ordinary words too) and the common relative phrases.
+FOREIGN_MONTHS = {
+    name: i + 1
+    for i, names in enumerate(
+        [
+            ("janvier", "enero", "januar", "gennaio"),
+            ("février", "fevrier", "febrero", "februar", "febbraio"),
+            ("mars", "marzo", "märz", "maerz"),
+            ("avril", "abril", "aprile"),
+            ("mai", "mayo", "maggio"),
+            ("juin", "junio", "juni", "giugno"),
+            ("juillet", "julio", "juli", "luglio"),
+            ("août", "aout", "agosto", "august"),
+            ("septembre", "septiembre", "setiembre", "settembre"),
+            ("octobre", "octubre", "oktober", "ottobre"),
+            ("novembre", "noviembre", "november"),
+            ("décembre", "decembre", "diciembre", "dezember", "dicembre"),
+        ]
+    )
+    for name in names
+}
+# phrase -> (which, unit) in the English rule's terms
+FOREIGN_PERIODS = {
+    "la semaine dernière": ("last", "week"),
+    "le mois dernier": ("last", "month"),
+    "l'année dernière": ("last", "year"),
+    "cette semaine": ("this", "week"),
+    "ce mois-ci": ("this", "month"),
+    "cette année": ("this", "year"),
+    "la semana pasada": ("last", "week"),
+    "el mes pasado": ("last", "month"),
+    "el año pasado": ("last", "year"),
+    "esta semana": ("this", "week"),
+    "este mes": ("this", "month"),
+    "este año": ("this", "year"),
+    "letzte woche": ("last", "week"),
+    "letzten monat": ("last", "month"),
+    "letztes jahr": ("last", "year"),
+    "diese woche": ("this", "week"),
+    "diesen monat": ("this", "month"),
+    "dieses jahr": ("this", "year"),
+    "la settimana scorsa": ("last", "week"),
+    "il mese scorso": ("last", "month"),
+    "l'anno scorso": ("last", "year"),
+    "questa settimana": ("this", "week"),
+    "questo mese": ("this", "month"),
+    "quest'anno": ("this", "year"),
+}
 WEEKDAYS = ["monday", "tuesday", "wednesday", "thursday", "friday", "saturday", "sunday"]
 NUMBER_WORDS = {
     "a": 1,
@@ -147,8 +196,16 @@ def _window_weekday(m: re.Match[str], now: datetime) -> tuple[datetime, datetime
     return day, day + timedelta(days=1)
 
 
+def _window_foreign_period(m: re.Match[str], now: datetime) -> tuple[datetime, datetime]:
+    which, unit = FOREIGN_PERIODS[" ".join(m.group(0).lower().split())]
+    english = re.match(r"(?P<which>\w+) (?P<unit>\w+)", f"{which} {unit}")
+    assert english is not None
+    return _window_period(english, now)
+
+
 def _window_month(m: re.Match[str], now: datetime) -> tuple[datetime, datetime]:
-    month = MONTHS[m.group("month").lower()]
+    name = m.group("month").lower()
+    month = MONTHS.get(name) or FOREIGN_MONTHS[name]
     year_text = m.group("year")
     # Without a year: the latest such month that has started ("in March" asked in February
     # means last March).
@@ -156,6 +213,12 @@ def _window_month(m: re.Match[str], now: datetime) -> tuple[datetime, datetime]:
     year = int(year_text) if year_text else latest
     start = _month_start(year, month, now)
     return start, _next_month(start)
+
+
+def _phrase(text: str) -> str:
+    """A fixed phrase as a pattern: whole words, any run of spaces between them."""
+    words = (re.escape(word) for word in text.split())
+    return r"(?<!\w)" + r"\s+".join(words) + r"(?!\w)"
 
 
 _Rule = Callable[[re.Match[str], datetime], tuple[datetime, datetime]]
@@ -181,6 +244,23 @@ _RULES: list[tuple[str | re.Pattern[str], _Rule]] = [
         _window_weekday,
     ),
     (r"\brecently\b|\blately\b|\bthe\s+other\s+day\b|\bthese\s+days\b", _window_recent),
+    (r"\baujourd'hui\b|\bhoy\b|\bheute\b|\boggi\b", _window_today),
+    (r"\bayer\b|\bgestern\b|\bieri\b|\bhier\s+soir\b", _window_yesterday),
+    (
+        "|".join(_phrase(p) for p in FOREIGN_PERIODS),
+        _window_foreign_period,
+    ),
+    (
+        r"(?<!\w)(?:en|au\s+mois\s+d[e']|durante|desde|im|seit|nel|a|in|di)\s+(?P<month>"
+        + "|".join(sorted(FOREIGN_MONTHS, key=len, reverse=True))
+        + r")(?!\w)(?:\s+(?P<year>(?:19|20)\d\d))?",
+        _window_month,
+    ),
+    (
+        r"\brécemment\b|\bdernièrement\b|\brecientemente\b|\búltimamente\b"
+        r"|\bkürzlich\b|\bneulich\b|\bin\s+letzter\s+zeit\b|\brecentemente\b|\bultimamente\b",
+        _window_recent,
+    ),
 ]
 _COMPILED = [(p if isinstance(p, re.Pattern) else re.compile(p, re.I), f) for p, f in _RULES]
 
