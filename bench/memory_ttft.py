@@ -1,10 +1,12 @@
 """Does memory extraction cost the next reply anything? Time to first token of a user's
 next turn with model extraction on vs off, on the embedded model, in the same run.
 
-Two timings per mode:
-- "right after": the next message is sent the moment the previous answer ends — the
-  extraction (if any) is running and must give the model up at once;
-- "after a pause": the next message comes once the extraction has finished — its prompt
+Three timings per mode:
+- "right after": the next message is sent the moment the previous answer ends — extraction
+  waits for the model to have been idle for a moment (3 s), so it has not started;
+- "during extraction": sent 4 s after — the extraction is running and must give the model
+  up (llama.cpp stops between prompt batches of 256 tokens);
+- "after it finished": the next message comes once the extraction is done — its prompt
   extended the conversation, so the model's cached prefix should still serve the next turn.
 
     python bench/memory_ttft.py [--model embedded:qwen2.5-coder-1.5b-instruct] [--rounds 4]
@@ -46,7 +48,10 @@ async def _ttft(chat: object, user_id: str, conversation_id: str, text: str) -> 
     return first if first is not None else float("nan")
 
 
-async def _round(settings: Settings, mode: str, pause: bool) -> float:
+WHEN = ("right after", "during extraction", "after it finished")
+
+
+async def _round(settings: Settings, mode: str, when: str) -> float:
     config = PersonalizationSettings(extraction=mode, enforce=False)
     scoped = settings.model_copy(update={"personalization": config})
     async with services(scoped, sampling=SAMPLING) as built:
@@ -56,7 +61,9 @@ async def _round(settings: Settings, mode: str, pause: bool) -> float:
         conversation = await built.chat.create_conversation(user.id, None, None)
         await _ttft(built.chat, user.id, conversation.id, FIRST)
         memory = built.personalizer.memory
-        if pause and memory is not None:
+        if when == "during extraction":
+            await asyncio.sleep(4.0)
+        elif when == "after it finished" and memory is not None:
             await memory.drain()
         return await _ttft(built.chat, user.id, conversation.id, NEXT)
 
@@ -65,22 +72,23 @@ async def run(model: str, rounds: int) -> str:
     rows = []
     with tempfile.TemporaryDirectory(prefix="salon-bench-") as scratch:
         base = Settings(data_dir=Path(scratch), models=[model])
-        results: dict[tuple[str, bool], list[float]] = {}
+        results: dict[tuple[str, str], list[float]] = {}
         for _ in range(rounds):
-            for pause in (False, True):
+            for when in WHEN:
                 for mode in ("off", "model"):
-                    value = await _round(base, mode, pause)
-                    results.setdefault((mode, pause), []).append(value)
-                    print(f"  {mode:5} pause={pause}: {value * 1000:.0f} ms", flush=True)
-        for pause in (False, True):
-            off = statistics.median(results[("off", pause)])
-            on = statistics.median(results[("model", pause)])
-            when = "after a pause" if pause else "right after"
+                    value = await _round(base, mode, when)
+                    results.setdefault((mode, when), []).append(value)
+                    print(f"  {mode:5} {when}: {value * 1000:.0f} ms", flush=True)
+        for when in WHEN:
+            off = statistics.median(results[("off", when)])
+            on = statistics.median(results[("model", when)])
             rows.append(f"| {when} | {off * 1000:.0f} ms | {on * 1000:.0f} ms | {on / off:.2f} |")
     return "\n".join(
         [
-            f"Next-turn time to first token, `{model}`, median of {rounds} rounds "
-            "(each round a fresh process state, 2 threads):",
+            "## Memory extraction and the next reply's time to first token (issue 3)",
+            "",
+            f"Command: `python bench/memory_ttft.py --rounds {rounds}`. Next-turn time to first "
+            f"token, `{model}`, median of {rounds} rounds (each a fresh process, 2 threads):",
             "",
             "| next message sent | extraction off | extraction by the model | ratio |",
             "|---|---|---|---|",

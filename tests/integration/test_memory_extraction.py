@@ -76,7 +76,7 @@ class Registry:
 
 
 async def _setup(
-    engine: AsyncEngine, backend: Scripted, *, personal_data: bool = True
+    engine: AsyncEngine, backend: Scripted, *, personal_data: bool = True, grace_s: float = 0.1
 ) -> tuple[ChatService, MemoryService, str, str]:
     user_id = str(uuid.uuid4())
     async with engine.begin() as conn:
@@ -96,7 +96,7 @@ async def _setup(
         store,
         Registry(backend, personal_data),  # type: ignore[arg-type]
         JobRunner(store, 0.02, utcnow),
-        ChatLimits(extraction="model"),
+        ChatLimits(extraction="model", extraction_grace_s=grace_s),
         personalizer=personalizer,
     )
     conversation = await chat.create_conversation(user_id, None, None)
@@ -170,3 +170,16 @@ async def test_no_extraction_by_a_model_that_must_not_get_personal_data(
     await memory.drain()
     assert len(backend.calls) == 1  # the turn only
     assert [m.text for m in await memory.list_memories(user_id)] == ["I live in Lyon"]  # rules
+
+
+async def test_a_quick_follow_up_finds_the_model_free(engine: AsyncEngine) -> None:
+    """Extraction waits for the model to have been idle a moment: a user who answers at
+    once is never queued behind it (nor behind its cancellation)."""
+    backend = Scripted(["", ""])
+    chat, memory, user_id, cid = await _setup(engine, backend, grace_s=1.0)
+    await _say(chat, user_id, cid, "I live in Lyon, what's on this weekend?")
+    await _say(chat, user_id, cid, "And next weekend?")
+    await memory.drain()
+    kinds = ["extract" if MARKER in c.messages[-1].content else "turn" for c in backend.calls]
+    assert kinds == ["turn", "turn", "extract", "extract"]
+    assert backend.cancelled == 0

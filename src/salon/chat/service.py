@@ -59,8 +59,10 @@ class ChatLimits:
     enforce: bool = True
     extraction: str = "model"  # "model" | "rules" | "off"
     revision_budget_s: float = 30.0
-    # How long model extraction waits for the model to be idle before using the rules.
+    # How long model extraction waits for the model to be idle before using the rules, and
+    # how long the model must have been idle first.
     extraction_patience_s: float = 300.0
+    extraction_grace_s: float = 3.0
     # Sampling for the web app's turns (the backend's defaults when unset).
     sampling: SamplingParams = field(default_factory=SamplingParams)
 
@@ -95,6 +97,7 @@ class ChatService:
         self._personalizer = personalizer
         self._memory = personalizer.memory if personalizer else None
         self._extraction: asyncio.Task[None] | None = None
+        self._starting = 0  # turns between their start and their job's
         # Rate limits, quotas and queue room, checked before a turn stores anything.
         self._admission = admission
 
@@ -356,7 +359,27 @@ class ChatService:
         recovery: Recovery | None = None,
         enforce: bool = True,
     ) -> None:
-        self._yield_model()
+        # From here until the job runs, no extraction may take the model (see _idle), and
+        # one already running gives it up now.
+        self._starting += 1
+        try:
+            self._yield_model()
+            await self._launch(
+                assistant, route, history, conversation, initial_text, recovery, enforce
+            )
+        finally:
+            self._starting -= 1
+
+    async def _launch(
+        self,
+        assistant: MessageRecord,
+        route: ModelRoute,
+        history: list[ChatMessage],
+        conversation: ConversationRecord,
+        initial_text: str,
+        recovery: Recovery | None,
+        enforce: bool,
+    ) -> None:
         context = await self._context(assistant.user_id, conversation, route, history)
         request = CompletionRequest(
             model=route.name,
@@ -548,12 +571,18 @@ class ChatService:
             self._extraction = None
 
     async def _idle(self) -> bool:
-        """Wait (bounded) until no answer is being generated in this process."""
-        deadline = time.monotonic() + self._limits.extraction_patience_s
-        while self._runner.busy:
+        """Wait (bounded) until no answer has been generated or prepared in this process for
+        `extraction_grace_s`: a user who answers at once should find the model free, not
+        behind an extraction that must first be cancelled (llama.cpp stops between prompt
+        batches, which can take seconds on a CPU)."""
+        now = time.monotonic()
+        deadline, quiet_since = now + self._limits.extraction_patience_s, now
+        while time.monotonic() - quiet_since < self._limits.extraction_grace_s:
             if time.monotonic() > deadline:
                 return False
-            await asyncio.sleep(0.25)
+            if self._runner.busy or self._starting:
+                quiet_since = time.monotonic()
+            await asyncio.sleep(0.1)
         return True
 
     def _yield_model(self) -> None:
