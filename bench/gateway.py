@@ -330,11 +330,15 @@ def run_load(
 # -- LiteLLM (optional) --------------------------------------------------------------------
 
 
-def start_litellm(upstream_url: str, workdir: Path, logs: Path) -> tuple[Proc, Target] | None:
-    import importlib.util
-
-    if importlib.util.find_spec("litellm") is None:
-        print("LiteLLM is not installed; skipping it (pip install 'litellm[proxy]')")
+def start_litellm(
+    upstream_url: str, workdir: Path, logs: Path, python: str = sys.executable
+) -> tuple[Proc, Target] | None:
+    """LiteLLM's proxy, run by `python` — best a venv of its own, since its pins would
+    otherwise move salon's dependencies: `python3 -m venv /tmp/litellm-venv &&
+    /tmp/litellm-venv/bin/pip install 'litellm[proxy]'`."""
+    probe = subprocess.run([python, "-c", "import litellm.proxy"], capture_output=True)
+    if probe.returncode != 0:
+        print(f"LiteLLM is not importable by {python}; skipping it (pip install 'litellm[proxy]')")
         return None
     config = workdir / "litellm.yaml"
     config.write_text(
@@ -350,7 +354,7 @@ def start_litellm(upstream_url: str, workdir: Path, logs: Path) -> tuple[Proc, T
     port = free_port()
     env = {**os.environ, "LITELLM_LOG": "ERROR", "PYTHONUNBUFFERED": "1"}
     argv = [
-        sys.executable, "-c", "from litellm.proxy.proxy_cli import run_server; run_server()",
+        python, "-c", "from litellm.proxy.proxy_cli import run_server; run_server()",
         "--config", str(config), "--host", "127.0.0.1", "--port", str(port), "--num_workers", "1",
     ]  # fmt: skip
     proc = spawn("litellm", argv, env, logs)
@@ -450,9 +454,30 @@ def verdict(results: list[Result]) -> list[str]:
                 f"so one worker with a core to itself would relay about {1000 / cpu:,.0f} "
                 "streams/s (a projection from CPU time, not a measurement)."
             )
+    lines += _against_litellm(by, sorted({r.concurrency for r in salon}))
     if any(r.errors for r in results):
         kinds = {f"{r.target}@{r.concurrency}": r.error_kinds for r in results if r.errors}
         lines.append(f"- Errors: {kinds}")
+    return lines
+
+
+def _against_litellm(by: dict[tuple[str, int], Result], levels: list[int]) -> list[str]:
+    """The issue's aims against LiteLLM at each concurrency: salon's added p99 at most a
+    third of LiteLLM's, and at least three times its throughput."""
+    lines = []
+    for n in levels:
+        salon, litellm, base = by.get(("salon", n)), by.get(("litellm", n)), by.get(("direct", n))
+        if not (salon and litellm and base):
+            continue
+        ours = salon.ttft(99) - base.ttft(99)
+        theirs = litellm.ttft(99) - base.ttft(99)
+        speed = salon.streams_s / litellm.streams_s if litellm.streams_s else float("inf")
+        ok = ours <= theirs / 3 and speed >= 3
+        lines.append(
+            f"- vs LiteLLM at {n} streams: added p99 {ours:+.2f} ms vs {theirs:+.2f} ms "
+            f"({ours / theirs if theirs > 0 else 0:.2f}×, aim ≤ 0.33), throughput "
+            f"{speed:.1f}× (aim ≥ 3): {'met' if ok else 'missed'}."
+        )
     return lines
 
 
@@ -493,6 +518,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="rounds per level; the table keeps the round with the least outside load",
     )
     parser.add_argument("--litellm", action="store_true", help="also LiteLLM proxy, if installed")
+    parser.add_argument(
+        "--litellm-python", default=sys.executable, help="the interpreter that has LiteLLM"
+    )
     parser.add_argument(
         "--wait-quiet",
         type=float,
@@ -552,7 +580,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             ),
         ]
         if args.litellm:
-            started = start_litellm(upstream_url, workdir, logs)
+            started = start_litellm(upstream_url, workdir, logs, args.litellm_python)
             if started is not None:
                 procs.append(started[0])
                 targets.append(started[1])

@@ -14,6 +14,10 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from salon.store.db import create_engine, migrate
 from salon.store.tables import metadata
 
+# Test servers stop at once: a generation left running by a test is kept as incomplete
+# rather than waited for (the graceful drain has its own test).
+os.environ.setdefault("SALON_SHUTDOWN_GRACE_S", "0")
+
 PG_ADMIN_URL = os.environ.get(
     "SALON_TEST_POSTGRES", "postgresql+asyncpg://postgres@127.0.0.1:5432/test"
 )

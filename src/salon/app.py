@@ -121,6 +121,7 @@ async def services(
         if loading is not None:
             loading.cancel()
         await personalizer.memory.close()
+        await runner.drain(settings.shutdown_grace_s)
         await runner.shutdown()
         await admission.close()
         await registry.close()

@@ -122,7 +122,7 @@ def _serve(settings: Settings, args: argparse.Namespace) -> int:
         # by salon's middleware (salon.access) instead of uvicorn's access log.
         log_config=None,
         access_log=False,
-        timeout_graceful_shutdown=10,
+        timeout_graceful_shutdown=max(1, round(settings.shutdown_grace_s)),
     )
     return 0
 

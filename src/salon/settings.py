@@ -180,6 +180,9 @@ class Settings(BaseSettings):
     system_prompt: str | None = None
     # How often a running generation writes its text to the store.
     flush_interval_s: float = 0.25
+    # On shutdown (SIGTERM/SIGINT): stop accepting, let running generations finish for up
+    # to this long, then keep what they have, marked incomplete.
+    shutdown_grace_s: float = 10.0
     log_level: str = "info"
     # "json": one JSON object per line (time, level, logger, message, request_id, fields).
     # The harm gate and refusal recovery (issue 4). Off by default until the classifier stops

@@ -200,6 +200,13 @@ class JobRunner:
         await asyncio.wait({job.task})
         return True
 
+    async def drain(self, grace_s: float) -> None:
+        """Let running generations finish, for at most `grace_s` (a graceful shutdown:
+        new requests are no longer accepted by then)."""
+        tasks = {job.task for job in self._jobs.values() if job.task is not None}
+        if tasks and grace_s > 0:
+            await asyncio.wait(tasks, timeout=grace_s)
+
     async def shutdown(self) -> None:
         """Whatever is still running when the process stops is kept, marked incomplete."""
         for message_id in list(self._jobs):
