@@ -352,7 +352,14 @@ def start_litellm(
         "  set_verbose: false\n"
     )
     port = free_port()
-    env = {**os.environ, "LITELLM_LOG": "ERROR", "PYTHONUNBUFFERED": "1"}
+    # Authenticated, as salon is: LiteLLM refuses to start without a master key.
+    key = "sk-bench-" + os.urandom(16).hex()
+    env = {
+        **os.environ,
+        "LITELLM_LOG": "ERROR",
+        "PYTHONUNBUFFERED": "1",
+        "LITELLM_MASTER_KEY": key,
+    }
     argv = [
         python, "-c", "from litellm.proxy.proxy_cli import run_server; run_server()",
         "--config", str(config), "--host", "127.0.0.1", "--port", str(port), "--num_workers", "1",
@@ -361,7 +368,7 @@ def start_litellm(
     took = wait_http(proc, f"http://127.0.0.1:{port}/health/liveliness", timeout_s=120)
     print(f"litellm proxy ready in {took:.1f} s")
     url = f"http://127.0.0.1:{port}/v1/chat/completions"
-    return proc, Target("litellm", url, "mock", {}, (proc,))
+    return proc, Target("litellm", url, "mock", {"Authorization": f"Bearer {key}"}, (proc,))
 
 
 # -- report --------------------------------------------------------------------------------
