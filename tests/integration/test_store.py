@@ -151,3 +151,16 @@ async def test_usernames_are_unique_and_the_first_user_is_admin(engine: AsyncEng
     assert (first.role, second.role) == ("admin", "user")
     with pytest.raises(Conflict):
         await accounts.create_user(UserRecord("3", "ann", "h", "user", NOW), first_is_admin=False)
+
+
+async def test_concurrent_first_sign_ups_make_exactly_one_admin(engine: AsyncEngine) -> None:
+    import asyncio
+
+    store = AccountStore(engine)
+    records = [UserRecord(f"id{i}", f"user{i}", "hash", "user", NOW) for i in range(12)]
+    created = await asyncio.gather(
+        *(store.create_user(r, first_is_admin=True) for r in records), return_exceptions=True
+    )
+    users_made = [u for u in created if isinstance(u, UserRecord)]
+    assert len(users_made) == 12, [c for c in created if not isinstance(c, UserRecord)]
+    assert [u.role for u in users_made].count("admin") == 1

@@ -8,7 +8,7 @@ from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from salon.errors import Conflict
 from salon.store.tables import api_keys, app_settings, sessions, users
@@ -48,6 +48,21 @@ def _key(row: sa.Row[Any]) -> ApiKeyRecord:
     return ApiKeyRecord(row.id, row.user_id, row.name, row.prefix, row.created_at, row.last_used_at)
 
 
+# Any constant: the lock only has to be the same for every first-admin decision.
+SIGNUP_LOCK = 0x5A10
+
+
+async def _serialise_signups(conn: AsyncConnection) -> None:
+    """Make "count the users, then insert" atomic across concurrent sign-ups, so two
+    people signing up at once can never both become the first admin."""
+    if conn.dialect.name == "postgresql":
+        await conn.execute(sa.text("SELECT pg_advisory_xact_lock(:key)"), {"key": SIGNUP_LOCK})
+    else:
+        # SQLite: a write statement takes the database's write lock for the transaction
+        # (the count below then sees every committed sign-up).
+        await conn.execute(users.update().where(sa.false()).values(role=users.c.role))
+
+
 class AccountStore:
     def __init__(self, engine: AsyncEngine) -> None:
         self._engine = engine
@@ -64,6 +79,7 @@ class AccountStore:
         async with self._engine.begin() as conn:
             role = record.role
             if first_is_admin:
+                await _serialise_signups(conn)
                 existing = await conn.scalar(sa.select(sa.func.count()).select_from(users))
                 role = "admin" if not existing else record.role
             try:
