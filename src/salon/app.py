@@ -64,10 +64,12 @@ async def services(
     warm_up: bool = False,
     metrics: Metrics | None = None,
     sampling: SamplingParams | None = None,
+    safety: SafetyGate | None = None,
 ) -> AsyncIterator[Services]:
     """Build every service on a migrated store; tear them down in reverse order.
     With `warm_up`, embedded models load in the background while requests are served.
-    With `metrics`, every backend is measured into it."""
+    With `metrics`, every backend is measured into it. With `safety`, that gate is used
+    whatever `settings.safety_enabled` says (evaluations)."""
     engine = create_engine(settings.database)
     await migrate(engine)
     conversations = ConversationStore(engine)
@@ -90,7 +92,8 @@ async def services(
     personalizer = _personalizer(settings, engine)
     assert personalizer.memory is not None
     await personalizer.memory.purge()
-    safety = SafetyGate() if settings.safety_enabled else None
+    if safety is None and settings.safety_enabled:
+        safety = SafetyGate()
     if safety is not None and warm_up:
         await asyncio.to_thread(safety.warm_up)
     loading = asyncio.create_task(_warm_up(registry, personalizer)) if warm_up else None

@@ -68,6 +68,21 @@ def _parser() -> argparse.ArgumentParser:
     )
     refusal = evals.add_parser("refusal", help="over-refusal and harmful compliance")
     refusal.add_argument("--split", default="dev", help="'dev' or a CSV with the same columns")
+    refusal.add_argument(
+        "--pipeline", action="store_true", help="the whole chat pipeline, not the classifier alone"
+    )
+    refusal.add_argument("--model", help="with --pipeline: the model (default: the first)")
+    subset = refusal.add_mutually_exclusive_group()
+    subset.add_argument("--limit", type=int, help="with --pipeline: the first N prompts")
+    subset.add_argument(
+        "--per-source", type=int, help="with --pipeline: N prompts of every source and label"
+    )
+    refusal.add_argument(
+        "--recovery", choices=["both", "on", "off"], default="both", help="with --pipeline"
+    )
+    refusal.add_argument("--max-tokens", type=int, default=160, help="with --pipeline")
+    refusal.add_argument("--out", type=Path, help="also write the report (markdown) here")
+    refusal.add_argument("--answers", type=Path, help="with --pipeline: every answer, as JSONL")
     refusal.set_defaults(run=_eval_refusal)
     personal = evals.add_parser(
         "personalization", help="style adherence (with and without enforcement) and memory"
@@ -199,11 +214,66 @@ async def _chat_loop(settings: Settings, model: str | None) -> None:
             history.append(ChatMessage("assistant", "".join(parts)))
 
 
-def _eval_refusal(_settings: Settings, args: argparse.Namespace) -> int:
+def _eval_refusal(settings: Settings, args: argparse.Namespace) -> int:
     from salon.evals.refusal import run_refusal_eval
 
-    print(run_refusal_eval(args.split).to_markdown())
+    if args.pipeline:
+        report = asyncio.run(_refusal_pipeline(settings, args))
+    else:
+        report = run_refusal_eval(args.split).to_markdown()
+    print(report)
+    if args.out:
+        args.out.write_text(report, encoding="utf-8")
     return 0
+
+
+async def _refusal_pipeline(settings: Settings, args: argparse.Namespace) -> str:
+    import tempfile
+    from collections.abc import AsyncIterator
+    from contextlib import asynccontextmanager
+
+    from salon.chat.safety import SafetyGate
+    from salon.evals import refusal_pipeline as suite
+    from salon.safety.datasets import read_prompts, resolve_split
+    from salon.safety.refusal import default_detector
+
+    model = args.model or settings.default_model
+    _prepare(settings, [model])
+    rows = suite.select(
+        read_prompts(resolve_split(args.split)), limit=args.limit, per_source=args.per_source
+    )
+    sampling = suite.sampling(args.max_tokens)
+    # Memory extraction is not what this measures, and would double its time.
+    quiet = settings.personalization.model_copy(update={"extraction": "off"})
+
+    @asynccontextmanager
+    async def open_pipeline(recover: bool) -> AsyncIterator[suite.Pipeline]:
+        with tempfile.TemporaryDirectory(prefix="salon-eval-") as scratch:
+            isolated = settings.model_copy(
+                update={
+                    "data_dir": Path(scratch),
+                    "database_url": None,
+                    "models": [model],
+                    "personalization": quiet,
+                }
+            )
+            gate = SafetyGate(recover=recover)
+            async with services(isolated, progress, sampling=sampling, safety=gate) as built:
+                yield suite.Pipeline(built.accounts, built.chat)
+
+    report = await suite.run_pipeline_eval(
+        rows,
+        open_pipeline,
+        default_detector(),
+        model=model,
+        dataset=str(args.split),
+        recovery=args.recovery,
+        max_tokens=args.max_tokens,
+        progress=progress,
+    )
+    if args.answers:
+        args.answers.write_text(report.answers_jsonl(), encoding="utf-8")
+    return report.to_markdown()
 
 
 def _eval_personalization(settings: Settings, args: argparse.Namespace) -> int:

@@ -17,6 +17,7 @@ from salon.personalization.extract import (
     ForgetRequest,
     explicit_request,
     extraction_messages,
+    grounded,
     normalise_subject,
     parse_extraction,
     rule_based,
@@ -598,3 +599,29 @@ def test_parse_deduplicates() -> None:
 def test_parse_missing_language_is_never_invented_as_english() -> None:
     (candidate,) = parse_extraction(_line(kind="fact", subject=None, text="Soy vegana"))
     assert candidate.language in ("es", "und")
+
+
+# -- grounding of model-extracted facts ---------------------------------------------------
+
+
+def _fact(text: str, language: str = "en") -> Candidate:
+    return Candidate("fact", text, None, False, language)
+
+
+@pytest.mark.parametrize(
+    ("said", "fact", "kept"),
+    [
+        ("We just moved from Lyon to Oslo for my wife's job", "I live in Oslo", True),
+        ("We just moved from Lyon to Oslo for my wife's job", "I have a dog named Max", False),
+        ("We just moved from Lyon to Oslo for my wife's job", "I speak English", False),
+        ("My daughter Emma turns 7 next Saturday", "My daughter Emma turns 7 next Saturday", True),
+        ("My daughter Emma turns 7 next Saturday", "My daughter Emma turns 8", False),
+        ("My daughter Emma turns 7 next Saturday", "I work as a software developer", False),
+        ("Je suis infirmière à Bordeaux", "Je suis infirmière", True),
+        ("Je suis infirmière à Bordeaux", "Soy vegetariana", False),
+    ],
+)
+def test_model_facts_must_be_grounded_in_what_the_user_said(
+    said: str, fact: str, kept: bool
+) -> None:
+    assert grounded(_fact(fact), said) is kept

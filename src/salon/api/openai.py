@@ -40,6 +40,10 @@ from salon.domain import (
 from salon.errors import InvalidRequest, SalonError
 
 DONE = b"data: [DONE]\n\n"
+# A stream silent this long gets an SSE comment (`: keep-alive`), so that proxies and load
+# balancers with an idle timeout do not cut it: before the first token (queued for a slot,
+# a slow upstream) and between chunks. Clients ignore comments.
+KEEP_ALIVE_S = 15.0
 
 
 class ContentPart(BaseModel):
@@ -117,16 +121,30 @@ async def chat_completions(request: Request) -> Response:
         session_key=body.user or user.id,
         caller=Caller(user.id, _key_id(request)),
     )
-    # The first event is awaited before answering, so that a backend that is down or a
-    # prompt that is too long gets a proper HTTP error instead of a broken stream.
-    first = await _first(events)
     completion_id = f"chatcmpl-{os.urandom(16).hex()}"  # what uuid4().hex gives, faster
-    if body.stream:
-        include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        chunks = _Chunks(completion_id, body.model)
-        head = chunks.role() + _encode(first, chunks, include_usage)
-        return EventStream(head, _rest(events, chunks, include_usage))
-    return JSONResponse(await _collect(first, events, completion_id, body.model))
+    if not body.stream:
+        first = await _first(events)
+        return JSONResponse(await _collect(first, events, completion_id, body.model))
+    include_usage = bool(body.stream_options and body.stream_options.include_usage)
+    chunks = _Chunks(completion_id, body.model)
+    keep_alive_s = KEEP_ALIVE_S
+    # The first event is awaited before answering, so that a backend that is down, a full
+    # queue or a prompt that is too long gets a proper HTTP error instead of a broken
+    # stream — for up to one keep-alive interval. A longer wait (queued for a slot, a slow
+    # upstream) starts the stream with a keep-alive comment; a failure after that is an
+    # error event in the stream.
+    pending = asyncio.ensure_future(_first(events))
+    try:
+        await asyncio.wait({pending}, timeout=keep_alive_s)
+    except asyncio.CancelledError:
+        pending.cancel()
+        raise
+    if not pending.done():
+        return EventStream(
+            sse.KEEP_ALIVE, _late(pending, events, chunks, include_usage), keep_alive_s
+        )
+    head = chunks.role() + _encode(pending.result(), chunks, include_usage)
+    return EventStream(head, _rest(events, chunks, include_usage), keep_alive_s)
 
 
 def _key_id(request: Request) -> str | None:
@@ -239,9 +257,39 @@ async def _rest(
         except SalonError as exc:
             # Mid-stream failure: the text already sent stands; the stream ends with an
             # error event rather than silently.
-            error = json.dumps(error_body(exc.status, exc.message, exc.code))
-            yield f"data: {error}\n\n".encode()
+            yield _error_event(exc)
     yield DONE
+
+
+async def _late(
+    first: asyncio.Future[StreamEvent],
+    events: AsyncGenerator[StreamEvent, None],
+    chunks: _Chunks,
+    include_usage: bool,
+) -> AsyncGenerator[bytes, None]:
+    """The whole stream when its first event came late: the response has started (with a
+    keep-alive), so a failure before the first token is an error event too."""
+    try:
+        try:
+            event = await first
+        except SalonError as exc:
+            yield _error_event(exc)
+            yield DONE
+            return
+        yield chunks.role() + _encode(event, chunks, include_usage)
+        async for part in _rest(events, chunks, include_usage):
+            yield part
+    finally:
+        if not first.done():  # the client left while waiting
+            first.cancel()
+        # The first read must have ended before the generator can be closed.
+        await asyncio.wait({first})
+        await events.aclose()
+
+
+def _error_event(exc: SalonError) -> bytes:
+    error = json.dumps(error_body(exc.status, exc.message, exc.code))
+    return f"data: {error}\n\n".encode()
 
 
 class _Outbox:
@@ -255,12 +303,15 @@ class _Outbox:
         self._parts: list[bytes] = []
         self._size = 0
         self._closed = False
+        self._puts = 0  # parts put so far
+        self._puts_seen = 0  # ... at the last keep-alive tick
         self._ready: asyncio.Future[None] | None = None  # the consumer waits for parts
         self._room: asyncio.Future[None] | None = None  # the producer waits for room
 
     async def put(self, part: bytes) -> None:
         self._parts.append(part)
         self._size += len(part)
+        self._puts += 1
         _wake(self._ready)
         if self._size > self.LIMIT:
             self._room = asyncio.get_running_loop().create_future()
@@ -269,6 +320,15 @@ class _Outbox:
     def close(self) -> None:
         self._closed = True
         _wake(self._ready)
+
+    def keep_alive(self) -> None:
+        """A keep-alive comment, if nothing was put since the last call and nothing waits
+        to go out (a stream that is busy, or blocked on a slow client, needs none)."""
+        idle = self._puts == self._puts_seen
+        self._puts_seen = self._puts
+        if idle and not self._parts and not self._closed:
+            self._parts.append(sse.KEEP_ALIVE)
+            _wake(self._ready)
 
     @property
     def drained(self) -> bool:
@@ -298,13 +358,18 @@ class EventStream(Response):
     closed (closing the backend stream stops the generation).
 
     Lighter than starlette's StreamingResponse (no anyio task group, one send per burst
-    rather than per chunk); a relay of N chunks costs two small tasks, not N writes."""
+    rather than per chunk); a relay of N chunks costs two small tasks, not N writes.
+    While `rest` is silent, a keep-alive comment goes out every `keep_alive_s` (one timer
+    per stream, not one per chunk)."""
 
     media_type = "text/event-stream"
 
-    def __init__(self, first: bytes, rest: AsyncGenerator[bytes, None]) -> None:
+    def __init__(
+        self, first: bytes, rest: AsyncGenerator[bytes, None], keep_alive_s: float = KEEP_ALIVE_S
+    ) -> None:
         self.first = first
         self.rest = rest
+        self.keep_alive_s = keep_alive_s
         self.status_code = 200
         self.background = None
         self.init_headers(sse.HEADERS)
@@ -316,6 +381,16 @@ class EventStream(Response):
         producer.add_done_callback(lambda _: outbox.close())
         watcher = asyncio.ensure_future(_client_gone(receive))
         watcher.add_done_callback(lambda _: producer.cancel())
+        loop = asyncio.get_running_loop()
+        timer: asyncio.TimerHandle | None = None
+
+        def tick() -> None:
+            nonlocal timer
+            outbox.keep_alive()
+            timer = loop.call_later(self.keep_alive_s, tick)
+
+        if self.keep_alive_s > 0:
+            timer = loop.call_later(self.keep_alive_s, tick)
         try:
             await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
             await send({"type": "http.response.body", "body": self.first, "more_body": True})
@@ -333,6 +408,8 @@ class EventStream(Response):
                 await send({"type": "http.response.body", "body": part, "more_body": False})
                 return
         finally:
+            if timer is not None:
+                timer.cancel()
             watcher.cancel()
             producer.cancel()
 

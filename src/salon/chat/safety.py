@@ -70,17 +70,22 @@ class GateVerdict:
 
 class SafetyGate:
     """Harm gate + refusal detector; the defaults (embedded models, shipped policy) are
-    loaded lazily on first use, once per process."""
+    loaded lazily on first use, once per process. With `recover=False` the gate still
+    blocks, but a model's refusal is never re-asked (what `salon eval refusal --pipeline`
+    measures "without recovery")."""
 
     def __init__(
         self,
         classifier: HarmClassifier | None = None,
         policy: Policy | None = None,
         detector: RefusalDetector | None = None,
+        *,
+        recover: bool = True,
     ) -> None:
         self._classifier = classifier
         self._policy = policy
         self._detector = detector
+        self._recover = recover
         self._lock = threading.Lock()
 
     @property
@@ -124,7 +129,7 @@ class SafetyGate:
         return self.check(messages[-1].content, earlier)
 
     def recovery(self, verdict: GateVerdict | None) -> Recovery | None:
-        if verdict is None or not verdict.recoverable:
+        if not self._recover or verdict is None or not verdict.recoverable:
             return None
         return Recovery(self.detector, verdict.assessment.harmful_probability)
 

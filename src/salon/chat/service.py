@@ -57,7 +57,7 @@ class ChatLimits:
     poll_interval_s: float = 0.5
     # Personalization: enforce checkable settings; how facts are extracted from turns.
     enforce: bool = True
-    extraction: str = "model"  # "model" | "rules" | "off"
+    extraction: str = "rules"  # "model" | "rules" | "off"
     revision_budget_s: float = 30.0
     # How long model extraction waits for the model to be idle before using the rules, and
     # how long the model must have been idle first.

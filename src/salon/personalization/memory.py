@@ -29,6 +29,7 @@ from salon.personalization.extract import (
     ForgetRequest,
     explicit_request,
     extraction_messages,
+    grounded,
     parse_extraction,
     rule_based,
 )
@@ -188,7 +189,7 @@ class MemoryService:
         async with self._model_turn:
             try:
                 answer = await complete(prompt)
-                candidates = parse_extraction(answer)
+                candidates = [c for c in parse_extraction(answer) if grounded(c, user_text)]
             except Exception as exc:  # a failed side job must never reach the user
                 log.warning("memory extraction by the model failed: %s", exc)
                 candidates = rule_based(user_text)
