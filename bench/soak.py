@@ -75,9 +75,10 @@ async def one(session: aiohttp.ClientSession, url: str, key: str, kind: str, soa
                 return
             if kind == "whole":
                 answer = await response.json()
-                ok = bool(answer["choices"][0]["message"]["content"])
-                soak.done[kind] += ok
-                soak.errors[f"{kind}: empty"] += not ok
+                if answer["choices"][0]["message"]["content"]:
+                    soak.done[kind] += 1
+                else:
+                    soak.errors[f"{kind}: empty"] += 1
                 return
             content, done, error = 0, False, False
             async for line in response.content:
@@ -92,15 +93,23 @@ async def one(session: aiohttp.ClientSession, url: str, key: str, kind: str, soa
                     error = True
             expected = {"stream": 20, "short": 5, "malformed": 3}.get(kind, 20)
             ok = done and content == expected and error == (kind == "malformed")
-            soak.done[kind] += ok
-            if not ok:
+            if ok:
+                soak.done[kind] += 1
+            else:
                 soak.errors[f"{kind}: {content} chunks, done={done}, error={error}"] += 1
     except (aiohttp.ClientError, TimeoutError) as exc:
         soak.errors[f"{kind}: {type(exc).__name__}"] += 1
 
 
 async def load(
-    url: str, key: str, concurrency: int, seconds: float, sample_s: float, salon: Proc, seed: int
+    url: str,
+    key: str,
+    concurrency: int,
+    seconds: float,
+    sample_s: float,
+    salon: Proc,
+    seed: int,
+    pause_s: float,
 ) -> Soak:
     soak = Soak()
     kinds = [kind for kind, _ in MIX]
@@ -116,7 +125,7 @@ async def load(
         async def worker() -> None:
             while time.monotonic() < until:
                 await one(session, url, key, rng.choices(kinds, weights)[0], soak)
-                await asyncio.sleep(0.005)  # a breath, so the shared machine keeps a core
+                await asyncio.sleep(pause_s)  # a breath, so a shared machine keeps a core
 
         async def sampler() -> None:
             while True:
@@ -151,7 +160,8 @@ def section(args: argparse.Namespace, soak: Soak, command: str) -> str:
     return f"""## Soak
 
 Steady mixed /v1 load through `salon serve` (one worker, SQLite) in front of the mock
-upstream: {args.concurrency} closed-loop workers for {args.minutes:g} minutes, each request
+upstream: {args.concurrency} closed-loop workers ({args.pause_ms:g} ms pause between two
+requests) for {args.minutes:g} minutes, each request
 drawn from {", ".join(f"{kind} {weight} %" for kind, weight in MIX)} ("leave": the client
 disconnects after 3 chunks; "malformed": an upstream that breaks mid-stream, whose error
 event is the expected answer). salon's RSS sampled every {args.sample:g} s; growth is
@@ -177,6 +187,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--sample", type=float, default=10.0, help="seconds between RSS samples")
     parser.add_argument("--warmup-share", type=float, default=0.25, help="of the run")
     parser.add_argument("--seed", type=int, default=11)
+    parser.add_argument("--pause-ms", type=float, default=50.0, help="per worker, between requests")
     parser.add_argument("--write", action="store_true", help="write docs/benchmarks.md")
     args = parser.parse_args(argv)
 
@@ -212,8 +223,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"salon serve ready (pid {salon.process.pid}); logs in {logs}", flush=True)
         url = f"http://127.0.0.1:{salon_port}/v1/chat/completions"
         coroutine = load(
-            url, key, args.concurrency, args.minutes * 60, args.sample, salon, args.seed
-        )
+            url, key, args.concurrency, args.minutes * 60, args.sample, salon, args.seed,
+            args.pause_ms / 1000,
+        )  # fmt: skip
         try:
             import uvloop
         except ImportError:
