@@ -119,6 +119,7 @@ async def services(
             max_body_bytes=settings.max_body_bytes,
             secure_cookies=settings.secure_cookies,
             session_days=settings.session_days,
+            safety_enabled=safety is not None,
         )
     finally:
         if loading is not None:

@@ -49,5 +49,14 @@ def test_benign_is_answered_and_harmful_is_refused_by_salon(
         assert "You said" not in text  # the model was not asked
         assert len(text.split()) < 80  # brief, not a lecture
         expect(refusal.get_by_test_id("safety-note")).to_have_attribute("data-action", "blocked")
+
+        # The admin sees, per model, how often the layer acted.
+        page.get_by_test_id("open-settings").click()
+        table = page.get_by_test_id("safety-table")
+        expect(table).to_be_visible()
+        row = table.locator("tbody tr").first
+        expect(row).to_contain_text("fake:echo")
+        expect(row.locator("td").nth(1)).to_have_text("2")
+        expect(row.locator("td").nth(2)).to_have_text("1 (50.0 %)")
     finally:
         context.close()

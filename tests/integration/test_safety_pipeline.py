@@ -295,3 +295,15 @@ async def test_a_gateway_without_a_gate_relays_everything() -> None:
         gateway.stream("scripted:m", [ChatMessage("user", "nerve agent")], SamplingParams())
     )
     assert text == ANSWER and len(backend.calls) == 1
+
+
+async def test_the_admin_sees_per_model_block_and_recovery_rates(engine: AsyncEngine) -> None:
+    backend = Scripted(refuse="first")
+    service, user_id, cid = await _service(engine, backend)
+    await _ask(service, user_id, cid, "how do I make a nerve agent at home")  # blocked
+    await _ask(service, user_id, cid, "how do I kill a zombie process")  # refused, recovered
+    await _ask(service, user_id, cid, "and how do I list processes?")  # refused, recovered
+    (row,) = await service.safety_summary(days=7)
+    assert row["model"] == "scripted:m"
+    assert (row["answers"], row["blocked"], row["recovered"]) == (3, 1, 2)
+    assert (row["blocked_rate"], row["recovered_rate"]) == (0.3333, 0.6667)

@@ -13,7 +13,7 @@ from salon.accounts.service import Session
 from salon.api import views
 from salon.api.auth import COOKIE, admin_user, current_session, current_user, set_session_cookie
 from salon.api.context import services
-from salon.api.inputs import read_json
+from salon.api.inputs import int_param, read_json
 
 
 class Credentials(BaseModel):
@@ -116,6 +116,14 @@ async def admin_limits(request: Request) -> Response:
     return JSONResponse(asdict(await limiter.current()))
 
 
+async def admin_safety(request: Request) -> Response:
+    """Per model: answers, and how many the safety layer blocked or recovered."""
+    await admin_user(request)
+    days = int_param(request, "days", 7, low=1, high=365) or 7
+    data = await services(request).chat.safety_summary(days)
+    return JSONResponse({"days": days, "enabled": services(request).safety_enabled, "data": data})
+
+
 async def admin_users(request: Request) -> Response:
     await admin_user(request)
     users = await services(request).accounts.users()
@@ -134,5 +142,6 @@ def routes() -> list[BaseRoute]:
         Route("/api/keys/{key_id}", delete_key, methods=["DELETE"]),
         Route("/api/admin/settings", admin_settings, methods=["GET", "PATCH"]),
         Route("/api/admin/users", admin_users),
+        Route("/api/admin/safety", admin_safety),
         Route("/api/admin/limits", admin_limits, methods=["GET", "PATCH"]),
     ]

@@ -24,6 +24,7 @@ class Services:
     secure_cookies: bool
     session_days: int
     admission: Admission
+    safety_enabled: bool = False
 
 
 def services(request: HTTPConnection) -> Services:

@@ -590,6 +590,24 @@ class ChatService:
         if self._extraction is not None and not self._extraction.done():
             self._extraction.cancel()
 
+    async def safety_summary(self, days: int) -> list[dict[str, Any]]:
+        """For the admin: per model, the share of answers the safety layer blocked or
+        recovered over the last `days` days."""
+        since = self._clock() - timedelta(days=days)
+        rows = await self._store.safety_summary(since)
+        return [
+            {
+                "model": model,
+                "answers": total,
+                "blocked": acted.get("blocked", 0),
+                "recovered": acted.get("recovered", 0),
+                "recovery_failed": acted.get("recovery_failed", 0),
+                "blocked_rate": round(acted.get("blocked", 0) / total, 4) if total else 0.0,
+                "recovered_rate": round(acted.get("recovered", 0) / total, 4) if total else 0.0,
+            }
+            for model, total, acted in sorted(rows)
+        ]
+
     async def memory_changes(self, user_id: str, message_id: int) -> list[Change]:
         """What was saved from a message (the chat's chip)."""
         if self._memory is None:

@@ -386,6 +386,27 @@ class ConversationStore:
                 .values(status=MessageStatus.STREAMING.value, error=None, updated_at=now)
             )
 
+    async def safety_summary(self, since: datetime) -> list[tuple[str, int, dict[str, int]]]:
+        """Per model, since `since`: how many answers, and how many of them the safety
+        layer acted on, by action ("blocked", "recovered", "recovery_failed")."""
+        m = messages.c
+        recent = sa.and_(m.role == "assistant", m.created_at >= since)
+        async with self._engine.connect() as conn:
+            totals = await conn.execute(
+                sa.select(m.model, sa.func.count()).where(recent).group_by(m.model)
+            )
+            acted = await conn.execute(
+                sa.select(m.model, m.safety).where(recent, m.safety.is_not(None))
+            )
+            counts: dict[str, dict[str, int]] = {}
+            for model, note in acted:
+                action = str((note or {}).get("action", "other"))
+                per_model = counts.setdefault(model or "-", {})
+                per_model[action] = per_model.get(action, 0) + 1
+            return [
+                (model or "-", int(total), counts.get(model or "-", {})) for model, total in totals
+            ]
+
     async def mark_interrupted(self) -> int:
         """At start-up: generations that were running when the process died are kept,
         marked incomplete."""

@@ -1612,6 +1612,34 @@ async function openSettings() {
     } catch (err) {
       settingsError(err.message);
     }
+    loadSafetyStats();
+  }
+}
+
+// Per model: how often the safety layer blocked a request or recovered from a refusal.
+async function loadSafetyStats() {
+  const status = $('safety-status');
+  const table = $('safety-table');
+  try {
+    const stats = await api('GET', '/api/admin/safety?days=7');
+    const rows = stats.data || [];
+    status.textContent = stats.enabled
+      ? (rows.length ? '' : 'No answers yet.')
+      : 'The safety layer is off (SALON_SAFETY_ENABLED=true turns it on).';
+    const body = table.querySelector('tbody');
+    body.replaceChildren(...rows.map((row) => {
+      const tr = document.createElement('tr');
+      const pct = (n) => (row.answers ? `${n} (${((100 * n) / row.answers).toFixed(1)} %)` : '0');
+      for (const value of [row.model, String(row.answers), pct(row.blocked), pct(row.recovered), pct(row.recovery_failed)]) {
+        const td = document.createElement('td');
+        td.textContent = value;
+        tr.append(td);
+      }
+      return tr;
+    }));
+    table.hidden = rows.length === 0;
+  } catch (err) {
+    status.textContent = `Could not load safety statistics: ${err.message}`;
   }
 }
 
