@@ -283,3 +283,19 @@ async def test_one_users_memory_never_reaches_another(base_url: str, user: Any) 
         ("GET", f"/api/messages/{said['id']}/memories"),
     ):
         assert (await bob.call(method, path)).status_code == 404, (method, path)
+
+
+async def test_the_preview_of_a_chat_not_started_yet(base_url: str, user: Any) -> None:
+    ann = await user("ann")
+    await ann.call("POST", "/api/memory", {"text": "I am vegetarian", "kind": "fact"})
+    draft = {"conversation_id": None, "content": "What should I cook tonight?"}
+    plain = (await ann.call("POST", "/api/personalization/preview", draft)).json()
+    assert "vegetarian" in plain["messages"][0]["content"]
+    planned = {**draft, "temporary": True, "settings": {"personality": "efficient"}}
+    preview = (await ann.call("POST", "/api/personalization/preview", planned)).json()
+    layers = {layer["id"]: layer for layer in preview["layers"]}
+    assert layers["personality"]["source"] == "conversation"
+    assert "Efficient" in layers["personality"]["text"]
+    assert "memory" not in layers  # a temporary chat recalls nothing
+    bad = {**draft, "settings": {"personality": "pirate"}}
+    assert (await ann.call("POST", "/api/personalization/preview", bad)).status_code == 400

@@ -27,6 +27,9 @@ class Preview(BaseModel):
     conversation_id: str | None = None
     content: str = Field("", max_length=100_000)
     model: str | None = None
+    # For a chat not created yet: what it will be created with.
+    temporary: bool = False
+    settings: dict[str, Any] | None = None
 
 
 class NewMemoryBody(BaseModel):
@@ -154,7 +157,12 @@ async def preview(request: Request) -> Response:
     user = await current_user(request)
     body = await read_json(request, Preview)
     context, messages = await services(request).chat.preview(
-        user.id, body.conversation_id, body.content, body.model
+        user.id,
+        body.conversation_id,
+        body.content,
+        body.model,
+        temporary=body.temporary,
+        settings=body.settings,
     )
     return JSONResponse(
         {

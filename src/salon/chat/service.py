@@ -467,13 +467,25 @@ class ChatService:
     # -- personalization -----------------------------------------------------------------
 
     async def preview(
-        self, user_id: str, conversation_id: str | None, draft: str, model: str | None
+        self,
+        user_id: str,
+        conversation_id: str | None,
+        draft: str,
+        model: str | None,
+        *,
+        temporary: bool = False,
+        settings: dict[str, Any] | None = None,
     ) -> tuple[TurnContext | None, list[ChatMessage]]:
         """Exactly what the model would receive if `draft` were sent now: the same code
-        path as a turn, without starting it."""
-        if conversation_id is None:  # a chat not started yet: the account's settings
+        path as a turn, without starting it. Without a conversation: a chat about to be
+        created with `temporary` and `settings`."""
+        if conversation_id is None:
+            if settings and self._personalizer is not None:
+                settings = await self._personalizer.check_overrides(user_id, settings)
             now = self._clock()
-            conversation = ConversationRecord("", user_id, NEW_TITLE, model, None, now, now)
+            conversation = ConversationRecord(
+                "", user_id, NEW_TITLE, model, None, now, now, settings or None, temporary
+            )
         else:
             conversation = await self._store.get(user_id, conversation_id)
         route = self._registry.resolve(model or conversation.model)

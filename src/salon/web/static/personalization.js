@@ -460,12 +460,12 @@ export function setupPersonalization(app) {
     const draft = $('composer').value;
     const notes = [];
     if (!draft.trim()) notes.push('Your draft is empty; type a message first to see it in place.');
-    if (!chat.conv && state.pending) notes.push('The settings picked for this chat apply once it starts.');
     if (isTemporary()) notes.push('Temporary chat: nothing from it is saved to memory.');
     $('preview-status').textContent = 'Loading…';
     previewDialog.dataset.state = 'loading';
     if (!previewDialog.open) previewDialog.showModal();
     const body = { conversation_id: chat.conv ? String(chat.conv.id) : null, content: draft };
+    if (!chat.conv) Object.assign(body, newChatFields());
     const model = app.currentModel();
     if (model) body.model = model;
     let data;
@@ -484,6 +484,14 @@ export function setupPersonalization(app) {
     renderRules(data.rules || []);
     renderPreviewMessages(data.messages || []);
     previewDialog.dataset.state = 'ready';
+  }
+
+  // A chat not started yet: what it will be created with, so the preview matches it.
+  function newChatFields() {
+    const fields = {};
+    if (state.temporaryNext) fields.temporary = true;
+    if (state.pending) fields.settings = state.pending;
+    return fields;
   }
 
   function sourceBadge(source, testid) {
@@ -919,10 +927,7 @@ export function setupPersonalization(app) {
 
     /** Fields for POST /api/conversations when the first message starts the chat. */
     newConversationFields() {
-      const fields = {};
-      if (state.temporaryNext) fields.temporary = true;
-      if (state.pending) fields.settings = state.pending;
-      return fields;
+      return newChatFields();
     },
 
     onConversationCreated(conv) {
