@@ -238,6 +238,10 @@ export function setupPersonalization(app) {
       h('span', { class: 'key-name', 'data-testid': 'persona-item-name' }, persona.name),
       h('span', { class: 'muted small clamp' }, persona.description)),
     h('button', {
+      class: 'icon-btn', type: 'button', 'data-testid': 'persona-edit', title: 'Edit persona',
+      'aria-label': `Edit persona ${persona.name}`, onclick: () => editPersona(persona),
+    }, app.icon('edit')),
+    h('button', {
       class: 'icon-btn', type: 'button', 'data-testid': 'persona-delete', title: 'Delete persona',
       'aria-label': `Delete persona ${persona.name}`, onclick: () => deletePersona(persona),
     }, app.icon('trash')))));
@@ -272,6 +276,22 @@ export function setupPersonalization(app) {
     }
   }
 
+  // Editing puts the persona in the form; saving then replaces it (PUT) instead of creating.
+  let editing = null;
+
+  function editPersona(persona) {
+    editing = persona;
+    $('persona-name').value = persona.name;
+    $('persona-description').value = persona.description;
+    $('persona-create').textContent = 'Save persona';
+    $('persona-name').focus();
+  }
+
+  function stopEditing() {
+    editing = null;
+    $('persona-create').textContent = 'Create persona';
+  }
+
   $('persona-form').addEventListener('submit', async (event) => {
     event.preventDefault();
     const name = $('persona-name').value.trim();
@@ -284,12 +304,17 @@ export function setupPersonalization(app) {
     const button = $('persona-create');
     button.disabled = true;
     try {
-      await api('POST', '/api/personas', { name, description });
+      if (editing) {
+        await api('PUT', `/api/personas/${encodeURIComponent(editing.id)}`, { name, description });
+      } else {
+        await api('POST', '/api/personas', { name, description });
+      }
       $('persona-name').value = '';
       $('persona-description').value = '';
+      stopEditing();
       await Promise.all([loadPersonas(), refreshPersonalities()]);
     } catch (err) {
-      setError(pError, `Could not create the persona: ${err.message}`);
+      setError(pError, `Could not save the persona: ${err.message}`);
     } finally {
       button.disabled = false;
     }
