@@ -575,10 +575,13 @@ _MUST = {
     "structure_some": "organise it with markdown headers or bullet lists",
     "min_words": "be at least {v} words long",
     "max_sentences": "be at most {v} sentences long",
-    "language": "be written entirely in {lang}",
+    "language": "be written entirely in {lang} (translate it)",
     "forbidden_word": 'not contain the word "{v}" in any form',
     "include_word": 'contain the word "{v}"',
-    "ends_with_question": "end with a question to the user",
+    "ends_with_question": (
+        'end with a question to the user: its very last sentence must be a question that '
+        'ends with "?"'
+    ),
     "formal": "use a formal register: no contractions and no slang",
     "casual": "use a casual, conversational register with contractions",
     "no_commas": "contain no commas at all",
