@@ -81,8 +81,6 @@ class Found:
     id: int
     text: str
     score: float
-    lexical: float
-    semantic: float
     created_at: datetime
     message_ids: tuple[int, ...]
     conversation_id: str | None
@@ -369,8 +367,6 @@ class MemoryService:
             row.ref_id,
             row.text,
             round(score, 4),
-            0.0,
-            0.0,
             row.created_at,
             message_ids,
             row.conversation_id,
