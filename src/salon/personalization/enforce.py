@@ -579,7 +579,7 @@ _MUST = {
     "forbidden_word": 'not contain the word "{v}" in any form',
     "include_word": 'contain the word "{v}"',
     "ends_with_question": (
-        'end with a question to the user: its very last sentence must be a question that '
+        "end with a question to the user: its very last sentence must be a question that "
         'ends with "?"'
     ),
     "formal": "use a formal register: no contractions and no slang",
