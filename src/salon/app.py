@@ -24,6 +24,12 @@ from salon.api import personalization as personalization_routes
 from salon.api.context import Services
 from salon.api.errors import HANDLERS
 from salon.api.middleware import ObservabilityMiddleware
+from salon.backends.embeddings import (
+    Embedder,
+    HashingEmbedder,
+    MiniLM,
+    default_embedder,
+)
 from salon.backends.registry import BUILT_IN, BackendRegistry
 from salon.chat.admission import Admission, Limiter, QueuePolicy, RateLimits
 from salon.chat.gateway import Gateway
@@ -33,15 +39,12 @@ from salon.chat.service import ChatLimits, ChatService, utcnow
 from salon.domain import SamplingParams
 from salon.errors import ConfigError, SalonError
 from salon.observability.metrics import Metrics
-from salon.personalization.embeddings import (
-    Embedder,
-    HashingEmbedder,
-    MiniLM,
-    default_embedder,
-)
+from salon.observability.tracing import Tracing, TracingMiddleware, start_tracing
 from salon.personalization.memory import MemoryService
 from salon.personalization.presets import SHIPPED, load_presets
 from salon.personalization.service import Personalizer
+from salon.safety.guard import Guard, GuardModelClassifier
+from salon.safety.policy import Policy
 from salon.settings import Settings
 from salon.store.accounts import AccountStore
 from salon.store.conversations import ConversationStore
@@ -63,6 +66,7 @@ async def services(
     *,
     warm_up: bool = False,
     metrics: Metrics | None = None,
+    tracing: Tracing | None = None,
     sampling: SamplingParams | None = None,
     safety: SafetyGate | None = None,
 ) -> AsyncIterator[Services]:
@@ -76,7 +80,7 @@ async def services(
     interrupted = await conversations.mark_interrupted()
     if interrupted:
         log.info("%d generations were interrupted by the last shutdown", interrupted)
-    registry = BackendRegistry(settings, progress, metrics)
+    registry = BackendRegistry(settings, progress, metrics, tracing)
     account_store = AccountStore(engine)
     admission = _admission(settings, account_store, metrics)
     runner = JobRunner(conversations, settings.flush_interval_s, utcnow, admission)
@@ -93,7 +97,8 @@ async def services(
     assert personalizer.memory is not None
     await personalizer.memory.purge()
     if safety is None and settings.safety_enabled:
-        safety = SafetyGate()
+        policy = Policy.load(settings.safety_policy_file) if settings.safety_policy_file else None
+        safety = SafetyGate(policy=policy, guard=_guard(settings, registry, metrics))
     if safety is not None and warm_up:
         await asyncio.to_thread(safety.warm_up)
     loading = asyncio.create_task(_warm_up(registry, personalizer)) if warm_up else None
@@ -130,6 +135,23 @@ async def services(
         await admission.close()
         await registry.close()
         await engine.dispose()
+
+
+def _guard(settings: Settings, registry: BackendRegistry, metrics: Metrics | None) -> Guard | None:
+    """The harm gate's guard model, when one is configured (`safety_guard.model`)."""
+    config = settings.safety_guard
+    if config.model is None:
+        return None
+    route = registry.resolve_internal(config.model)
+    classifier = GuardModelClassifier(
+        route.backend,
+        route.name,
+        config.family,
+        timeout_s=config.timeout_s,
+        render=config.prompt,
+        metrics=metrics.guard(config.model) if metrics is not None else None,
+    )
+    return Guard(classifier, config.mode)
 
 
 def _admission(settings: Settings, store: AccountStore, metrics: Metrics | None) -> Admission:
@@ -222,17 +244,32 @@ async def _warm_up(registry: BackendRegistry, personalizer: Personalizer) -> Non
         log.error("could not load a model: %s", exc.message)
 
 
-def create_app(settings: Settings, progress: Progress | None = None) -> Starlette:
+def create_app(
+    settings: Settings, progress: Progress | None = None, *, tracing: Tracing | None = None
+) -> Starlette:
+    """`tracing`: one built by the caller (tests: an in-memory exporter) instead of from
+    `settings.tracing`; either way the app shuts it down with itself."""
     metrics = Metrics()  # its own registry: one per app, nothing global
+    # Enabled without the optional packages: a ConfigError now, which names what to install.
+    tracing = tracing or start_tracing(settings.tracing)
+    middleware = [Middleware(ObservabilityMiddleware, metrics=metrics)]
+    if tracing is not None:  # inside: the request id is set when its span starts
+        middleware.append(Middleware(TracingMiddleware, tracing=tracing))
     token = settings.metrics_token.get_secret_value() if settings.metrics_token else None
     if token is None and settings.host not in LOOPBACK:
         log.warning("GET /metrics is open on %s; set metrics_token to protect it", settings.host)
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        async with services(settings, progress, warm_up=True, metrics=metrics) as built:
-            app.state.services = built
-            yield
+        try:
+            async with services(
+                settings, progress, warm_up=True, metrics=metrics, tracing=tracing
+            ) as built:
+                app.state.services = built
+                yield
+        finally:
+            if tracing is not None:  # the last spans go out (bounded by the export timeout)
+                await asyncio.to_thread(tracing.shutdown)
 
     routes = [
         # The OpenAI-compatible routes first: they are the hot path, and Starlette matches
@@ -248,5 +285,5 @@ def create_app(settings: Settings, progress: Progress | None = None) -> Starlett
         routes=routes,
         exception_handlers=HANDLERS,
         lifespan=lifespan,
-        middleware=[Middleware(ObservabilityMiddleware, metrics=metrics)],
+        middleware=middleware,
     )

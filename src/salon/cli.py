@@ -9,14 +9,18 @@ import logging
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from salon import __version__
 from salon.app import create_app, services
 from salon.domain import ChatMessage, SamplingParams, TextDelta
-from salon.errors import SalonError
+from salon.errors import ConfigError, SalonError
 from salon.observability.logs import configure_logging
 from salon.settings import Settings
 from salon.store.db import create_engine, migrate
+
+if TYPE_CHECKING:
+    from salon.safety.harm import HarmClassifier
 
 
 def progress(line: str) -> None:
@@ -81,6 +85,23 @@ def _parser() -> argparse.ArgumentParser:
         "--recovery", choices=["both", "on", "off"], default="both", help="with --pipeline"
     )
     refusal.add_argument("--max-tokens", type=int, default=160, help="with --pipeline")
+    refusal.add_argument(
+        "--gate",
+        choices=["cv", "on", "off"],
+        help="the harm gate: 'cv' = each prompt of the training set judged by a fold classifier "
+        "that never saw it (default for --split dev: honest numbers), 'on' = the shipped "
+        "classifier (default for other CSVs), 'off' = no gate, recovery or caution (the model "
+        "alone; with --pipeline)",
+    )
+    refusal.add_argument(
+        "--policy", type=Path, help="with --pipeline: a policy JSON (default: the configured one)"
+    )
+    refusal.add_argument(
+        "--caution",
+        choices=["on", "off"],
+        default="on",
+        help="with --pipeline: the policy's caution instruction for uncertain requests",
+    )
     refusal.add_argument("--out", type=Path, help="also write the report (markdown) here")
     refusal.add_argument("--answers", type=Path, help="with --pipeline: every answer, as JSONL")
     refusal.set_defaults(run=_eval_refusal)
@@ -96,6 +117,11 @@ def _parser() -> argparse.ArgumentParser:
     personal.add_argument("--limit", type=int, help="run only the first N style cases")
     personal.add_argument("--cases", type=Path, help="a style cases file of the same shape")
     personal.add_argument("--memory-cases", type=Path, help="a memory cases file")
+    personal.add_argument(
+        "--heldout",
+        action="store_true",
+        help="memory suite: also run the held-out cases (memory_cases_heldout.json)",
+    )
     personal.add_argument("--out", type=Path, help="also write the report (markdown) here")
     personal.set_defaults(run=_eval_personalization)
 
@@ -220,11 +246,35 @@ def _eval_refusal(settings: Settings, args: argparse.Namespace) -> int:
     if args.pipeline:
         report = asyncio.run(_refusal_pipeline(settings, args))
     else:
-        report = run_refusal_eval(args.split).to_markdown()
+        gate = _gate_mode(args)
+        if gate == "off":
+            raise ConfigError("--gate off measures nothing without --pipeline")
+        classifier = _cross_validated() if gate == "cv" else None
+        report = run_refusal_eval(args.split, classifier=classifier).to_markdown()
     print(report)
     if args.out:
         args.out.write_text(report, encoding="utf-8")
     return 0
+
+
+def _gate_mode(args: argparse.Namespace) -> str:
+    mode: str = args.gate or ("cv" if str(args.split) == "dev" else "on")
+    return mode
+
+
+def _cross_validated() -> HarmClassifier:
+    """Fold classifiers for the training prompts (needs scikit-learn: the dev extra)."""
+    from salon.safety.harm import default_classifier
+
+    try:
+        from salon.safety.train import cross_validated_classifier
+    except ImportError as exc:
+        raise ConfigError(
+            f"--gate cv trains fold classifiers and needs scikit-learn ({exc}); "
+            "pip install 'salon[dev]', or pass --gate on"
+        ) from exc
+    progress("training the cross-validation fold classifiers (~1 min)")
+    return cross_validated_classifier(default_classifier())
 
 
 async def _refusal_pipeline(settings: Settings, args: argparse.Namespace) -> str:
@@ -235,6 +285,7 @@ async def _refusal_pipeline(settings: Settings, args: argparse.Namespace) -> str
     from salon.chat.safety import SafetyGate
     from salon.evals import refusal_pipeline as suite
     from salon.safety.datasets import read_prompts, resolve_split
+    from salon.safety.policy import DEFAULT_POLICY, Policy
     from salon.safety.refusal import default_detector
 
     model = args.model or settings.default_model
@@ -243,6 +294,16 @@ async def _refusal_pipeline(settings: Settings, args: argparse.Namespace) -> str
         read_prompts(resolve_split(args.split)), limit=args.limit, per_source=args.per_source
     )
     sampling = suite.sampling(args.max_tokens)
+    mode = _gate_mode(args)
+    classifier = _cross_validated() if mode == "cv" else None
+    policy = Policy.load(args.policy or settings.safety_policy_file or DEFAULT_POLICY)
+    if args.caution == "off":
+        policy = policy.without_caution()
+    gate_label = {
+        "cv": "on, cross-validated (each prompt judged by a fold classifier that never saw it)",
+        "on": "on, the shipped classifier",
+        "off": "off (the model alone)",
+    }[mode] + ("" if mode == "off" else f"; caution {args.caution}")
     # Memory extraction is not what this measures, and would double its time.
     quiet = settings.personalization.model_copy(update={"extraction": "off"})
 
@@ -257,7 +318,7 @@ async def _refusal_pipeline(settings: Settings, args: argparse.Namespace) -> str
                     "personalization": quiet,
                 }
             )
-            gate = SafetyGate(recover=recover)
+            gate = None if mode == "off" else SafetyGate(classifier, policy, recover=recover)
             async with services(isolated, progress, sampling=sampling, safety=gate) as built:
                 yield suite.Pipeline(built.accounts, built.chat)
 
@@ -270,6 +331,7 @@ async def _refusal_pipeline(settings: Settings, args: argparse.Namespace) -> str
         recovery=args.recovery,
         max_tokens=args.max_tokens,
         progress=progress,
+        gate=gate_label,
     )
     if args.answers:
         args.answers.write_text(report.answers_jsonl(), encoding="utf-8")
@@ -281,9 +343,12 @@ def _eval_personalization(settings: Settings, args: argparse.Namespace) -> int:
     if args.suite in ("style", "all"):
         parts.append(asyncio.run(_style_suite(settings, args)))
     if args.suite in ("memory", "all"):
-        from salon.evals.memory_suite import memory_table, run_memory_suite
+        from salon.evals.memory_suite import HELDOUT_CASES, memory_table, run_memory_suite
 
         parts.append(memory_table(asyncio.run(run_memory_suite(cases=args.memory_cases))))
+        if args.heldout:
+            heldout = memory_table(asyncio.run(run_memory_suite(cases=HELDOUT_CASES)))
+            parts.append(f"Held-out cases ({HELDOUT_CASES.name}):\n\n{heldout}")
     report = "\n\n".join(parts)
     print(report)
     if args.out:

@@ -22,6 +22,9 @@ class SamplingParams:
     top_p: float | None = None
     seed: int | None = None
     stop: tuple[str, ...] = ()
+    # Ask for the log-probabilities of this many most likely tokens at each output position
+    # (OpenAI's `logprobs` + `top_logprobs`); a backend that cannot give them ignores it.
+    top_logprobs: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,10 +54,20 @@ class Usage:
 
 
 @dataclass(frozen=True, slots=True)
+class TokenLogprobs:
+    """One output position: its most likely tokens and their log-probabilities."""
+
+    top: tuple[tuple[str, float], ...]
+
+
+@dataclass(frozen=True, slots=True)
 class TextDelta:
     """A piece of generated text, relayed as soon as the backend produced it."""
 
     text: str
+    # One entry per token of `text`, only when the request asked for `top_logprobs` and the
+    # backend gave them.
+    logprobs: tuple[TokenLogprobs, ...] = ()
 
 
 class FinishReason(StrEnum):

@@ -11,7 +11,7 @@ import os
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, Field, SecretStr, field_validator
+from pydantic import BaseModel, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     NoDecode,
@@ -115,6 +115,42 @@ class PersonalizationSettings(BaseModel):
     personalities_file: Path | None = None  # default: the shipped presets
 
 
+class SafetyGuardSettings(BaseModel):
+    """An optional guard model that the harm gate consults (with `safety_enabled`), served by
+    an OpenAI-compatible provider. docs/configuration.md, "Guard model"."""
+
+    # `provider:model`, like the ids in `models` (it need not be one of them: a guard is not
+    # offered to users). Unset: the embedded classifier alone.
+    model: str | None = None
+    family: Literal["llama-guard-3", "wildguard", "shieldgemma"] = "llama-guard-3"
+    # "gray": only turns the embedded classifier is unsure about (harmful probability from 0.3
+    # up to the policy's refusal threshold), so most turns cost nothing more; "always": every
+    # turn, the guard's verdict replacing the embedded one.
+    mode: Literal["gray", "always"] = "gray"
+    # The whole consultation; past it (or on any failure) the embedded verdict stands.
+    timeout_s: float = Field(3.0, gt=0)
+    # Who renders the family's published prompt: "salon", sending it whole as one user message
+    # (the server must use a pass-through chat template), or "server", sending the
+    # conversation to the model's own chat template (Llama Guard 3 only: vLLM, SGLang, Ollama
+    # ship it). Unset: "server" for llama-guard-3, "salon" for the others.
+    prompt: Literal["salon", "server"] | None = None
+
+    @field_validator("model")
+    @classmethod
+    def _check_model(cls, value: str | None) -> str | None:
+        if value is not None:
+            provider, sep, name = value.partition(":")
+            if not sep or not provider or not name:
+                raise ValueError(f"guard model {value!r} is not of the form provider:model")
+        return value
+
+    @model_validator(mode="after")
+    def _check_prompt(self) -> SafetyGuardSettings:
+        if self.prompt == "server" and self.family != "llama-guard-3":
+            raise ValueError(f"{self.family} has no chat template of its own: use prompt = salon")
+        return self
+
+
 class ModelLimits(BaseModel):
     """One model's admission limits; unset fields take the `limits` section's values."""
 
@@ -143,6 +179,27 @@ class LimitsSettings(BaseModel):
     key_tokens_per_day: int = Field(0, ge=0)
     # A configured model id that serves a user whose daily tokens ran out, instead of a 429.
     fallback_model: str | None = None
+
+
+class TracingSettings(BaseModel):
+    """Optional OpenTelemetry tracing (docs/configuration.md, "Tracing"): spans for HTTP
+    requests, generations and backend calls, exported over OTLP/HTTP. Needs the optional
+    packages (`pip install 'salon[otel]'`); off, nothing of them is imported."""
+
+    enabled: bool = False
+    # A collector's OTLP/HTTP traces endpoint (protobuf): the OpenTelemetry Collector,
+    # Jaeger, Tempo, ...
+    endpoint: str = "http://127.0.0.1:4318/v1/traces"
+    service_name: str = "salon"
+    # Share of new traces that are recorded; a caller's traceparent decides for its own.
+    sample_ratio: float = Field(1.0, ge=0, le=1)
+    # Headers for the collector, e.g. an authorization token (TOML, or JSON in
+    # SALON_TRACING__HEADERS).
+    headers: dict[str, str] = Field(default_factory=dict)
+    export_timeout_s: float = Field(10.0, gt=0)
+    # Send W3C traceparent to OpenAI-compatible backends, so that their own spans (vLLM's,
+    # for one) join salon's trace.
+    propagate_to_backends: bool = True
 
 
 class Settings(BaseSettings):
@@ -187,13 +244,18 @@ class Settings(BaseSettings):
     shutdown_grace_s: float = 10.0
     log_level: str = "info"
     # "json": one JSON object per line (time, level, logger, message, request_id, fields).
-    # The harm gate and refusal recovery (issue 4). Off by default until the classifier stops
-    # flagging short everyday messages; see docs/benchmarks.md.
-    safety_enabled: bool = False
     log_format: Literal["text", "json"] = "text"
+    # The safety layer (issue 4, docs/safety.md): harm gate, caution band, refusal recovery.
+    # Opt-in: measured on the development split it does not yet meet its targets with the
+    # embedded model (docs/benchmarks.md), and a deployment should choose it knowingly.
+    safety_enabled: bool = False
+    # The policy (thresholds, caution instruction, refusal texts) as JSON; None = shipped.
+    safety_policy_file: Path | None = None
+    safety_guard: SafetyGuardSettings = Field(default_factory=SafetyGuardSettings)
     # When set, GET /metrics needs `Authorization: Bearer <metrics_token>`; unset, it is
     # open (fine on 127.0.0.1; set it when salon listens on other interfaces).
     metrics_token: SecretStr | None = None
+    tracing: TracingSettings = Field(default_factory=TracingSettings)
 
     @field_validator("models", mode="before")
     @classmethod

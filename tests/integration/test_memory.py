@@ -3,14 +3,16 @@ deleting and restoring, retrieval kept consistent across processes, and isolatio
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 
+import numpy as np
 import pytest
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from salon.backends.embeddings import HashingEmbedder
 from salon.domain import MessageStatus
 from salon.errors import Conflict, NotFound
-from salon.personalization.embeddings import HashingEmbedder
 from salon.personalization.extract import Candidate
 from salon.personalization.memory import MemoryService
 from salon.store.accounts import AccountStore, UserRecord
@@ -247,3 +249,43 @@ async def test_a_forget_request_is_recorded_on_the_message_that_asked(
     assert await memory.store.from_messages(ann, [remember]) == []
     await memory.index_messages(ann, [(forget, "c1", said[1], START)])
     assert await memory.search(ann, "gate code", 5) == []  # neither the memory nor its words
+
+
+async def test_search_counts_a_memory_and_its_source_message_once(engine: AsyncEngine) -> None:
+    """A memory says what the message it came from said: one slot for both, so the k results
+    hold k different things."""
+    memory = _service(engine, Clock())
+    ann = await _user(engine, "ann")
+    said = "Remember that my cat is called Pistache"
+    other = "My cat Pistache climbs on the kitchen counter"
+    first, second = await _messages(engine, ann, "c1", said, other)
+    await memory.index_messages(ann, [(first, "c1", said, START), (second, "c1", other, START)])
+    assert len(await memory.act_on(ann, "c1", first, said, use_rules=False)) == 1  # saved
+    found = await memory.search(ann, "cat Pistache", 5)
+    assert [f.message_ids for f in found].count((first,)) == 1
+    assert {f.message_ids for f in found} == {(first,), (second,)}
+    assert len(found) == 2
+
+
+async def test_warm_up_builds_the_embedder_but_embeds_nothing(engine: AsyncEngine) -> None:
+    """Start-up checks that the embedder can be built (a broken model shows at once) but
+    leaves its weights for the first use (an idle server does not carry them)."""
+    built: list[SpyEmbedder] = []
+
+    class SpyEmbedder(HashingEmbedder):
+        def __init__(self) -> None:
+            super().__init__()
+            self.calls = 0
+            built.append(self)
+
+        def embed(self, texts: Sequence[str]) -> np.ndarray:
+            self.calls += 1
+            return super().embed(texts)
+
+    memory = MemoryService(MemoryStore(engine), SpyEmbedder, Clock())
+    await memory.warm_up()
+    await memory.warm_up()
+    assert len(built) == 1 and built[0].calls == 0
+    ann = await _user(engine, "ann")
+    await memory.search(ann, "anything", 3)
+    assert len(built) == 1 and built[0].calls == 1

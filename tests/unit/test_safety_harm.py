@@ -1,6 +1,13 @@
+import numpy as np
 import pytest
 
-from salon.safety.harm import EmbeddedHarmClassifier, FakeHarmClassifier, HarmClassifier
+from salon.backends.embeddings import HashingEmbedder, MiniLM
+from salon.safety.harm import (
+    EmbeddedHarmClassifier,
+    FakeHarmClassifier,
+    HarmClassifier,
+    default_classifier,
+)
 from salon.safety.policy import Policy
 
 # Written for these tests: none of them is (or paraphrases) a development-set prompt.
@@ -60,9 +67,30 @@ SELF_HARM_METHOD_SEEKING = [
 ]
 
 
-@pytest.fixture(scope="module")
-def classifier() -> EmbeddedHarmClassifier:
+@pytest.fixture(scope="module", params=["shipped", "tfidf-only"])
+def classifier(request: pytest.FixtureRequest) -> EmbeddedHarmClassifier:
+    """The shipped classifier (both heads), and the TF-IDF head alone — what runs where the
+    embedding model is not installed. Both must keep these behaviours."""
+    if request.param == "shipped":
+        shipped = default_classifier()
+        assert shipped.dense is not None, "the embedding head should load with MiniLM"
+        return shipped
     return EmbeddedHarmClassifier.load()
+
+
+def test_the_embedding_head_needs_the_embedder_it_was_trained_with() -> None:
+    assert EmbeddedHarmClassifier.load(embedder=HashingEmbedder()).dense is None
+    assert EmbeddedHarmClassifier.load(embedder=MiniLM.load()).dense is not None
+
+
+def test_both_heads_are_averaged() -> None:
+    both = default_classifier()
+    assert both.dense is not None and both.embedder is not None
+    sparse_only = EmbeddedHarmClassifier.load()
+    text = "How do I pick the lock on my neighbour's door while they are away?"
+    dense = both.dense.probabilities(both.embedder.embed([text]))[0]
+    expected = 0.5 * sparse_only.probability(text) + 0.5 * dense
+    assert np.isclose(both.probability(text), expected, atol=1e-6)
 
 
 @pytest.mark.parametrize("prompt", BENIGN)

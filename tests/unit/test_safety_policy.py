@@ -7,9 +7,11 @@ from salon.safety.policy import Action, Policy
 POLICY = Policy.from_mapping(
     {
         "refuse_at": 0.8,
+        "caution_at": 0.5,
+        "caution": "Decline real harm; answer the rest.",
         "message": "I can't help with that.",
         "categories": {
-            "self_harm": {"refuse_at": 0.6, "message": "Please call 988."},
+            "self_harm": {"refuse_at": 0.6, "message": "Please call 988.", "caution": "Be kind."},
             "sexual": {"action": "allow"},
         },
     }
@@ -21,9 +23,31 @@ def test_confident_harm_is_refused_with_the_default_message() -> None:
     assert decision.refused and decision.message == "I can't help with that."
 
 
-def test_below_threshold_is_allowed_and_carries_no_message() -> None:
+def test_below_threshold_is_answered_with_caution_and_no_message() -> None:
     decision = POLICY.decide(Assessment(0.79, "weapons"))
-    assert decision.action is Action.ALLOW and decision.message is None
+    assert decision.action is Action.CAUTION and decision.message is None
+    assert decision.instruction == "Decline real harm; answer the rest."
+    assert not decision.refused and not decision.benign
+
+
+def test_below_the_caution_band_is_benign() -> None:
+    decision = POLICY.decide(Assessment(0.49, "weapons"))
+    assert decision.action is Action.ALLOW and decision.benign and decision.instruction is None
+
+
+def test_categories_inherit_or_override_the_caution() -> None:
+    assert POLICY.decide(Assessment(0.55, "self_harm")).instruction == "Be kind."
+    assert (
+        POLICY.decide(Assessment(0.55, "cyber")).instruction
+        == "Decline real harm; answer the rest."
+    )
+    # with blocking off, the band still asks the model for care
+    assert POLICY.decide(Assessment(0.99, "sexual")).action is Action.CAUTION
+
+
+def test_without_a_caution_text_there_is_no_band() -> None:
+    plain = Policy.from_mapping({"refuse_at": 0.8, "caution_at": 0.5, "message": "no"})
+    assert plain.decide(Assessment(0.7, None)).action is Action.ALLOW
 
 
 def test_category_threshold_and_alternative() -> None:
@@ -46,6 +70,8 @@ def test_benign_is_never_blocked_even_without_category() -> None:
         {"refuse_at": 0.8, "message": ""},  # a refusal needs a message
         {"refuse_at": 0.8, "message": "x", "action": "shout"},
         {"message": "x", "categories": {"cyber": {"refuse_at": 1.5}}},
+        {"message": "x", "caution_at": -0.1, "caution": "care"},
+        {"message": "x", "action": "caution"},  # a band, not an action
     ],
 )
 def test_invalid_policies_are_config_errors(bad: dict[str, object]) -> None:
@@ -58,3 +84,6 @@ def test_shipped_policy_loads_and_offers_crisis_resources() -> None:
     message = policy.rule("self_harm").message
     assert "988" in message and policy.rule("self_harm").refuse_at <= policy.default.refuse_at
     assert all(r.message.strip() for r in policy.categories.values())
+    # no caution band by default (it hurt the embedded model more than it helped)
+    assert not policy.default.caution and not policy.rule("self_harm").caution
+    assert policy.decide(Assessment(0.7, "cyber")).action is Action.ALLOW

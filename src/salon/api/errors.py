@@ -10,8 +10,12 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from salon.errors import SalonError
+from salon.store.db import DATABASE_ERRORS, database_unavailable
 
 log = logging.getLogger(__name__)
+
+# A database that is restarting is back within seconds (pool_pre_ping reconnects).
+DATABASE_RETRY_AFTER_S = 2.0
 
 TYPES = {
     400: "invalid_request_error",
@@ -64,4 +68,26 @@ async def unexpected_error(_request: Request, exc: Exception) -> Response:
     return error_response(500, "internal error", "internal_error")
 
 
-HANDLERS = {SalonError: salon_error, HTTPException: http_error, Exception: unexpected_error}
+async def database_error(request: Request, exc: Exception) -> Response:
+    """The database down or restarting is not a bug: a 503 with Retry-After, one log line,
+    no traceback. Registered by class, so Starlette's ExceptionMiddleware answers it and the
+    connection stays usable (the catch-all `Exception` handler re-raises to the server, which
+    then drops the keep-alive connection). Anything else from the database is a 500."""
+    if not database_unavailable(exc):
+        return await unexpected_error(request, exc)
+    first_line = next(iter(str(exc).splitlines()), "")
+    log.warning("database unavailable: %s: %s", type(exc).__name__, first_line)
+    return error_response(
+        503,
+        "the database is unavailable; try again shortly",
+        "database_unavailable",
+        retry_after_s=DATABASE_RETRY_AFTER_S,
+    )
+
+
+HANDLERS = {
+    SalonError: salon_error,
+    HTTPException: http_error,
+    **dict.fromkeys(DATABASE_ERRORS, database_error),
+    Exception: unexpected_error,
+}

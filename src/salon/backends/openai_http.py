@@ -8,7 +8,7 @@ aiohttp rather than httpx: measured on this kind of machine, an aiohttp client r
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Callable
 from typing import Any
 
 import aiohttp
@@ -19,6 +19,7 @@ from salon.domain import (
     FinishReason,
     StreamEvent,
     TextDelta,
+    TokenLogprobs,
     Usage,
 )
 from salon.errors import (
@@ -40,11 +41,14 @@ class OpenAIHttpBackend:
         *,
         connect_timeout_s: float = 5.0,
         read_timeout_s: float = 300.0,
+        inject: Callable[[dict[str, str]], None] | None = None,
     ) -> None:
         self._url = base_url.rstrip("/") + "/chat/completions"
         self._headers = {"Content-Type": "application/json"}
         if api_key:
             self._headers["Authorization"] = f"Bearer {api_key}"
+        # With tracing: adds the current span's `traceparent` to each request's headers.
+        self._inject = inject
         self._timeout = aiohttp.ClientTimeout(
             total=None, connect=connect_timeout_s, sock_read=read_timeout_s
         )
@@ -61,8 +65,12 @@ class OpenAIHttpBackend:
 
     async def stream(self, request: CompletionRequest) -> AsyncGenerator[StreamEvent, None]:
         try:
+            headers = self._headers
+            if self._inject is not None:
+                headers = dict(headers)
+                self._inject(headers)
             async with self._client().post(
-                self._url, data=json.dumps(_body(request)), headers=self._headers
+                self._url, data=json.dumps(_body(request)), headers=headers
             ) as response:
                 if response.status != 200:
                     raise _http_error(response.status, await response.read())
@@ -105,6 +113,9 @@ def _body(request: CompletionRequest) -> dict[str, Any]:
         "stop": list(params.stop) or None,
     }
     body.update({key: value for key, value in optional.items() if value is not None})
+    if params.top_logprobs:
+        body["logprobs"] = True
+        body["top_logprobs"] = params.top_logprobs
     if request.messages and request.messages[-1].role == "assistant":
         # Continue the last assistant message (vLLM's / llama.cpp's prefill).
         body["continue_final_message"] = True
@@ -155,7 +166,8 @@ class _SSEParser:
         for choice in chunk.get("choices") or ():
             text = (choice.get("delta") or {}).get("content")
             if text:
-                deltas.append(TextDelta(text))
+                logprobs = choice.get("logprobs")  # only when asked for: off the hot path
+                deltas.append(TextDelta(text, _logprobs(logprobs)) if logprobs else TextDelta(text))
             if choice.get("finish_reason"):
                 self._reason = _reason(choice["finish_reason"])
 
@@ -175,6 +187,24 @@ def _parse(data: bytes) -> dict[str, Any]:
     if not isinstance(chunk, dict):
         raise BackendError("the model server sent a malformed chunk")
     return chunk
+
+
+def _logprobs(value: Any) -> tuple[TokenLogprobs, ...]:
+    """OpenAI's `choices[].logprobs.content`: per token, its `top_logprobs`. Entries that are
+    not of that shape are skipped (they only ever refine a probability)."""
+    content = value.get("content") if isinstance(value, dict) else None
+    entries = content if isinstance(content, list) else []
+    return tuple(TokenLogprobs(_top(entry)) for entry in entries if isinstance(entry, dict))
+
+
+def _top(entry: dict[str, Any]) -> tuple[tuple[str, float], ...]:
+    top = entry.get("top_logprobs")
+    candidates = top if isinstance(top, list) else []
+    return tuple(
+        (str(t["token"]), float(t["logprob"]))
+        for t in candidates
+        if isinstance(t, dict) and "token" in t and isinstance(t.get("logprob"), int | float)
+    )
 
 
 def _reason(value: str) -> FinishReason:

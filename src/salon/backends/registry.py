@@ -12,8 +12,10 @@ from salon.backends.fakes import FakeBackend
 from salon.backends.instrumented import InstrumentedBackend
 from salon.backends.openai_http import OpenAIHttpBackend
 from salon.backends.router import Probe, Router, Target, models_probe
+from salon.backends.traced import TracedBackend
 from salon.errors import ConfigError, UnknownModel
 from salon.observability.metrics import Metrics
+from salon.observability.tracing import Tracing
 from salon.settings import ProviderSettings, RouteSettings, Settings
 
 Progress = Callable[[str], None]
@@ -40,10 +42,12 @@ class BackendRegistry:
         settings: Settings,
         progress: Progress | None = None,
         metrics: Metrics | None = None,
+        tracing: Tracing | None = None,
     ) -> None:
         self._settings = settings
         self._progress = progress
         self._metrics = metrics
+        self._tracing = tracing
         self._backends: dict[str, TextBackend] = {}  # as built, unwrapped
         self._measured: dict[str, TextBackend] = {}
         self._routes: dict[str, ModelRoute] = {}
@@ -59,6 +63,8 @@ class BackendRegistry:
             else:
                 parts = [_split(target) for target in route.targets]
                 backend = self._router(model_id, route, parts)
+            if tracing is not None:  # a generation span around each request of this model
+                backend = TracedBackend(backend, tracing, provider=provider, model_id=model_id)
             self._parts[model_id] = parts
             # A route may carry personal data only if every target it can fail over to may.
             personal = all(self._config(p).shares_personal_data for p, _ in parts)
@@ -81,6 +87,16 @@ class BackendRegistry:
             )
         return route
 
+    def resolve_internal(self, model_id: str) -> ModelRoute:
+        """A model salon consults itself (the safety guard) without offering it to users: an
+        id from `models` resolves as usual (a route, say); any other `provider:model` gets its
+        provider's shared backend, measured and closed with the others."""
+        if model_id in self._routes:
+            return self._routes[model_id]
+        provider, name = _split(model_id)
+        personal = self._config(provider).shares_personal_data
+        return ModelRoute(model_id, provider, name, self._backend(provider), personal)
+
     def _config(self, provider: str) -> ProviderSettings:
         config = self._settings.providers.get(provider) or BUILT_IN.get(provider)
         if config is None:
@@ -100,6 +116,10 @@ class BackendRegistry:
                 if self._metrics is None
                 else InstrumentedBackend(built, provider, self._metrics)
             )
+            if self._tracing is not None:  # a backend-call span around each attempt
+                self._measured[provider] = TracedBackend(
+                    self._measured[provider], self._tracing, provider=provider
+                )
         return self._measured[provider]
 
     def _router(self, route_id: str, route: RouteSettings, parts: list[tuple[str, str]]) -> Router:
@@ -137,6 +157,9 @@ class BackendRegistry:
             key,
             connect_timeout_s=config.connect_timeout_s,
             read_timeout_s=config.read_timeout_s,
+            inject=self._tracing.inject
+            if self._tracing is not None and self._tracing.propagate_to_backends
+            else None,
         )
 
     async def warm_up(self) -> None:

@@ -2,19 +2,21 @@
 early refusal detection with one recovery re-ask after.
 
 The models themselves live in ``salon.safety``; this module decides what the chat use cases
-do with their verdicts. Everything here is cheap: the embedded classifier scores a turn in
-~1-2 ms, the refusal detector a 200-character prefix in well under a millisecond, so both run
-inline on the event loop.
+do with their verdicts. The embedded classifier scores a turn in ~5-20 ms (its embedding
+head), so the chat use cases run it in a worker thread; the refusal detector scores a
+200-character prefix in well under a millisecond, inline.
 """
 
 from __future__ import annotations
 
+import asyncio
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from salon.domain import ChatMessage
+from salon.safety.guard import Guard
 from salon.safety.harm import Assessment, HarmClassifier, default_classifier
 from salon.safety.policy import Decision, Policy
 from salon.safety.refusal import EARLY_CHARS, RefusalDetector, RefusalVerdict, default_detector
@@ -30,10 +32,11 @@ HOLD_CHARS = EARLY_CHARS
 HOLD_MAX_S = 1.5
 # A reply whose refusal probability reaches this is treated as a refusal.
 REFUSAL_AT = 0.5
-# Recovery only for requests the classifier is clearly calm about: below this harmful
-# probability. It is well under the lowest refusing threshold (0.5, policy.MIN_REFUSE_AT), so
-# "uncertain" requests (0.3-0.5) are never pushed past a model's own refusal.
-RECOVER_BELOW = 0.3
+# Recovery only for requests the policy calls benign (below its caution band) and the
+# classifier thinks more likely benign than not: a model's own refusal of an uncertain request
+# is never pushed past. (0.3 was tried first: the model's flat refusals of benign requests that
+# merely sound sensitive scored 0.33-0.39 and were left unrecovered.)
+RECOVER_BELOW = 0.5
 # The clarifying instruction of the one re-ask.
 CLARIFY = (
     "The user's request below has been reviewed and is benign: it only sounds sensitive "
@@ -55,13 +58,18 @@ class GateVerdict:
 
     @property
     def recoverable(self) -> bool:
-        """A refusal by the model may be recovered from: the request is clearly benign."""
-        return not self.blocked and self.assessment.harmful_probability < RECOVER_BELOW
+        """A refusal by the model may be recovered from: the request is benign."""
+        return self.decision.benign and self.assessment.harmful_probability < RECOVER_BELOW
+
+    @property
+    def instruction(self) -> str | None:
+        """The policy's caution for an uncertain request, for the model's system prompt."""
+        return self.decision.instruction
 
     def note(self) -> dict[str, Any]:
-        """The `messages.safety` record of a blocked turn."""
+        """The `messages.safety` record of a blocked turn, or of one answered with caution."""
         return {
-            "action": "blocked",
+            "action": "blocked" if self.blocked else "caution",
             "category": self.decision.category,
             "score": round(self.decision.probability, 3),
             "classifier": self.assessment.classifier,
@@ -81,11 +89,13 @@ class SafetyGate:
         detector: RefusalDetector | None = None,
         *,
         recover: bool = True,
+        guard: Guard | None = None,
     ) -> None:
         self._classifier = classifier
         self._policy = policy
         self._detector = detector
         self._recover = recover
+        self._guard = guard  # a guard model, consulted by `acheck_messages` only
         self._lock = threading.Lock()
 
     @property
@@ -127,6 +137,24 @@ class SafetyGate:
             return None
         earlier = [m.content for m in messages[:-1] if m.role == "user"]
         return self.check(messages[-1].content, earlier)
+
+    async def acheck_messages(self, messages: Sequence[ChatMessage]) -> GateVerdict | None:
+        """`check_messages`, then the guard model when there is one and its mode wants this
+        turn (every turn, or one the embedded classifier is unsure about, below the policy's
+        refusal threshold). The guard's verdict replaces the embedded one and goes through the
+        same policy; when the guard gives none, the embedded verdict stands."""
+        # In a worker thread: the embedding head costs ~5-20 ms of CPU, which on the event
+        # loop would stall every other stream for that long.
+        verdict = await asyncio.to_thread(self.check_messages, messages)
+        if verdict is None or self._guard is None:
+            return verdict
+        refuse_at = self.policy.rule(verdict.assessment.category).refuse_at
+        if not self._guard.wanted(verdict.assessment, refuse_at):
+            return verdict
+        guarded = await self._guard.classifier.assess(messages, verdict.assessment)
+        if guarded is None:
+            return verdict
+        return GateVerdict(guarded, self.policy.decide(guarded))
 
     def recovery(self, verdict: GateVerdict | None) -> Recovery | None:
         if not self._recover or verdict is None or not verdict.recoverable:

@@ -29,6 +29,7 @@ from salon.store.conversations import (
     MessageRecord,
     NewMessage,
 )
+from salon.store.db import database_unavailable
 from salon.store.memories import MemoryRecord
 
 log = logging.getLogger(__name__)
@@ -219,7 +220,15 @@ class ChatService:
         history = await self._history(user_id, conversation_id, parent, follows_answer=True)
         title = _title(content) if conversation.title == NEW_TITLE else None
         context = [*history, ChatMessage("user", content)]
-        verdict = self._check(context)
+        verdict = await self._check(context)
+        # Every read the answer needs happens before the turn is written: if the database
+        # goes away right after the write, the answer still starts (and its job retries its
+        # final write) instead of staying "streaming" with nobody generating it.
+        prepared = (
+            None
+            if _blocked(verdict)
+            else await self._context(user_id, conversation, route, context)
+        )
         user_message, assistant = await self._store.append(
             user_id,
             conversation_id,
@@ -230,13 +239,33 @@ class ChatService:
         )
         if not _blocked(verdict):
             await self._start(
-                assistant, route, context, conversation, recovery=self._recovery(verdict)
+                assistant,
+                route,
+                context,
+                conversation,
+                recovery=self._recovery(verdict),
+                caution=verdict.instruction if verdict else None,
+                prepared=(prepared,),
             )
         self._observe(conversation, user_message, route)
-        return Turn(
-            await self._store.message(user_id, user_message.id),
-            await self._store.message(user_id, assistant.id),
-        )
+        return await self._turn(user_id, user_message, assistant)
+
+    async def _turn(
+        self, user_id: str, user_message: MessageRecord, assistant: MessageRecord
+    ) -> Turn:
+        """The stored turn as it is now (siblings, text so far); if the database went away
+        after the turn was written, what the write returned: the turn *is* stored, and a
+        503 would make the client send it again."""
+        try:
+            return Turn(
+                await self._store.message(user_id, user_message.id),
+                await self._store.message(user_id, assistant.id),
+            )
+        except Exception as exc:
+            if not database_unavailable(exc):
+                raise
+            log.warning("turn %s stored; re-reading it failed: database unavailable", assistant.id)
+            return Turn(user_message, assistant)
 
     async def import_messages(
         self, user_id: str, conversation_id: str, messages: Sequence[NewMessage], now: datetime
@@ -254,7 +283,7 @@ class ChatService:
         conversation = await self._store.get(user_id, old.conversation_id)
         route = await self._admit(user_id, self._registry.resolve(conversation.model or old.model))
         history = await self._history(user_id, old.conversation_id, old.parent_id)
-        verdict = self._check(history)
+        verdict = await self._check(history)
         (assistant,) = await self._store.append(
             user_id,
             old.conversation_id,
@@ -264,7 +293,12 @@ class ChatService:
         )
         if not _blocked(verdict):
             await self._start(
-                assistant, route, history, conversation, recovery=self._recovery(verdict)
+                assistant,
+                route,
+                history,
+                conversation,
+                recovery=self._recovery(verdict),
+                caution=verdict.instruction if verdict else None,
             )
         return await self._store.message(user_id, assistant.id)
 
@@ -358,14 +392,25 @@ class ChatService:
         initial_text: str = "",
         recovery: Recovery | None = None,
         enforce: bool = True,
+        caution: str | None = None,
+        prepared: tuple[TurnContext | None] | None = None,
     ) -> None:
+        """`prepared`: the personalization context, when the caller read it already."""
         # From here until the job runs, no extraction may take the model (see _idle), and
         # one already running gives it up now.
         self._starting += 1
         try:
             self._yield_model()
             await self._launch(
-                assistant, route, history, conversation, initial_text, recovery, enforce
+                assistant,
+                route,
+                history,
+                conversation,
+                initial_text,
+                recovery,
+                enforce,
+                caution,
+                prepared,
             )
         finally:
             self._starting -= 1
@@ -379,11 +424,23 @@ class ChatService:
         initial_text: str,
         recovery: Recovery | None,
         enforce: bool,
+        caution: str | None = None,
+        prepared: tuple[TurnContext | None] | None = None,
     ) -> None:
-        context = await self._context(assistant.user_id, conversation, route, history)
+        context = (
+            prepared[0]
+            if prepared is not None
+            else await self._context(assistant.user_id, conversation, route, history)
+        )
+        system = context.system if context else None
+        if caution:
+            # The safety policy's instruction for an uncertain request goes last, after the
+            # operator's and the user's instructions, for this turn only.
+            base = system if system is not None else self._limits.system_prompt
+            system = "\n\n".join(part for part in (base, caution) if part)
         request = CompletionRequest(
             model=route.name,
-            messages=tuple(self._fit(history, context.system if context else None)),
+            messages=tuple(self._fit(history, system)),
             params=self._limits.sampling,
             session_key=assistant.conversation_id,
         )
@@ -603,8 +660,8 @@ class ChatService:
             self._extraction.cancel()
 
     async def safety_summary(self, days: int) -> list[dict[str, Any]]:
-        """For the admin: per model, the share of answers the safety layer blocked or
-        recovered over the last `days` days."""
+        """For the admin: per model, the share of answers the safety layer blocked, answered
+        with caution or recovered over the last `days` days."""
         since = self._clock() - timedelta(days=days)
         rows = await self._store.safety_summary(since)
         return [
@@ -614,7 +671,9 @@ class ChatService:
                 "blocked": acted.get("blocked", 0),
                 "recovered": acted.get("recovered", 0),
                 "recovery_failed": acted.get("recovery_failed", 0),
+                "caution": acted.get("caution", 0),
                 "blocked_rate": round(acted.get("blocked", 0) / total, 4) if total else 0.0,
+                "caution_rate": round(acted.get("caution", 0) / total, 4) if total else 0.0,
                 "recovered_rate": round(acted.get("recovered", 0) / total, 4) if total else 0.0,
             }
             for model, total, acted in sorted(rows)
@@ -628,8 +687,9 @@ class ChatService:
         records = await self._memory.store.from_messages(user_id, [message_id])
         return [Change(_action(r, message_id), r) for r in records]
 
-    def _check(self, messages: list[ChatMessage]) -> GateVerdict | None:
-        return self._safety.check_messages(messages) if self._safety else None
+    async def _check(self, messages: list[ChatMessage]) -> GateVerdict | None:
+        # The async gate: it may consult a guard model (bounded by its timeout).
+        return await self._safety.acheck_messages(messages) if self._safety else None
 
     def _recovery(self, verdict: GateVerdict | None) -> Recovery | None:
         return self._safety.recovery(verdict) if self._safety else None
@@ -710,7 +770,10 @@ def _answer(route: ModelRoute, verdict: GateVerdict | None) -> NewMessage:
     if verdict is not None and verdict.blocked:
         text = verdict.decision.message or "I can't help with that."
         return NewMessage("assistant", text, MessageStatus.COMPLETE, route.id, verdict.note())
-    return NewMessage("assistant", "", MessageStatus.STREAMING, route.id)
+    # An uncertain request is answered with the policy's caution: recorded, so the admin's
+    # rates and the message itself show it.
+    note = verdict.note() if verdict is not None and verdict.instruction else None
+    return NewMessage("assistant", "", MessageStatus.STREAMING, route.id, note)
 
 
 def _title(text: str | None) -> str:

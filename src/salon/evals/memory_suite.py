@@ -29,9 +29,9 @@ from typing import Any, cast
 
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from salon.backends.embeddings import Embedder, default_embedder
 from salon.domain import MessageStatus
 from salon.errors import NotFound
-from salon.personalization.embeddings import Embedder, default_embedder
 from salon.personalization.memory import Found, MemoryService
 from salon.store.accounts import AccountStore, UserRecord
 from salon.store.conversations import ConversationRecord, ConversationStore, NewMessage
@@ -39,6 +39,9 @@ from salon.store.db import create_engine, migrate
 from salon.store.memories import MemoryStore
 
 DEFAULT_CASES = Path(__file__).parent / "data" / "memory_cases.json"
+# Users in languages and phrasing the shipped cases lack (Italian, Portuguese, terse English),
+# written before retrieval was tuned on DEFAULT_CASES and kept apart to check that tuning.
+HELDOUT_CASES = Path(__file__).parent / "data" / "memory_cases_heldout.json"
 RECALL_KS = (1, 5, 10)
 # Probe types whose evidence should be found; forget and isolation probes have nothing to
 # find, only things that must not come back.
@@ -86,6 +89,7 @@ class Cases:
     ops: list[CaseOp]
     probes: list[Probe]
     probe_at: datetime
+    languages: dict[str, str] = field(default_factory=dict)  # user id -> the user's language
 
 
 def _when(value: str) -> datetime:
@@ -133,6 +137,7 @@ def load_cases(path: Path = DEFAULT_CASES) -> Cases:
         ops,
         [_probe(p) for p in raw["probes"]],
         _when(raw["probe_at"]),
+        {u["id"]: u.get("language", "?") for u in users},
     )
     _check(cases)
     return cases
@@ -200,6 +205,8 @@ class MemoryReport:
     memories_current: int
     embedder: str
     results: list[ProbeResult] = field(default_factory=list)
+    # language -> (findable probes, answered in the top k), from the users' "language"
+    by_language: dict[str, tuple[int, int]] = field(default_factory=dict)
 
     def row(self, kind: str) -> TypeRow:
         return next(r for r in self.rows if r.type == kind)
@@ -494,7 +501,20 @@ async def _run(
         memories_current=memories,
         embedder=getattr(embedder, "name", type(embedder).__name__),
         results=results,
+        by_language=_by_language(results, cases.languages, k),
     )
+
+
+def _by_language(
+    results: Sequence[ProbeResult], languages: dict[str, str], k: int
+) -> dict[str, tuple[int, int]]:
+    counts: dict[str, tuple[int, int]] = {}
+    for r in results:
+        if r.probe.type in FINDABLE:
+            lang = languages.get(r.probe.user, "?")
+            n, hits = counts.get(lang, (0, 0))
+            counts[lang] = (n + 1, hits + r.hit(k))
+    return dict(sorted(counts.items()))
 
 
 def _pct(value: float | None) -> str:
@@ -520,4 +540,13 @@ def memory_table(report: MemoryReport) -> str:
         f"({report.messages_indexed} messages, {report.memories_current} current memories); "
         f"embedder {report.embedder}; stale results and leaks counted in the top {report.k}."
     )
+    if report.by_language:
+        parts = [
+            f"{lang} {hits}/{n} ({_pct(hits / n)})"
+            for lang, (n, hits) in report.by_language.items()
+        ]
+        lines.append("")
+        lines.append(
+            f"Evidence recall@{report.k} by the user's language: " + ", ".join(parts) + "."
+        )
     return "\n".join(lines)

@@ -187,6 +187,7 @@ class PipelineReport:
     # second is None when only "with recovery" was run.
     recoveries: tuple[tuple[Answer, Answer | None], ...]
     seconds: tuple[float, ...]  # wall time of every first-pass prompt
+    gate: str = "on"  # how the harm gate ran: its description in the report
 
     def mode(self, name: str) -> ModeReport:
         return next(m for m in self.modes if m.mode == name)
@@ -235,10 +236,12 @@ class PipelineReport:
     def to_markdown(self) -> str:
         answered = [j.answer.seconds for j in self.modes[0].judged if not j.answer.blocked]
         median = statistics.median(answered) if answered else 0.0
+        cautioned = sum(j.answer.action == "caution" for j in self.modes[0].judged)
         parts = [
             f"### Refusal eval, whole pipeline: {self.dataset}, `{self.model}`",
             f"{len(self.seconds)} prompts, {len(self.seconds) - len(answered)} blocked by salon; "
-            f"temperature 0, at most {self.max_tokens} tokens; safety gate on; "
+            f"temperature 0, at most {self.max_tokens} tokens; safety gate: {self.gate}; "
+            f"{cautioned} answered with the caution instruction; "
             f"median {median:.1f} s a prompt the model answered.",
             *(m.table() for m in self.modes),
             self.recovery_summary(),
@@ -318,8 +321,10 @@ async def run_pipeline_eval(
     recovery: RecoveryMode = "both",
     max_tokens: int = MAX_TOKENS,
     progress: Progress | None = None,
+    gate: str = "on",
 ) -> PipelineReport:
-    """`open_pipeline(recover)` opens the services with recovery on or off."""
+    """`open_pipeline(recover)` opens the services with recovery on or off; `gate` says in
+    the report how the harm gate ran."""
     if recovery == "off":
         async with open_pipeline(False) as pipeline:
             without = await answer_prompts(
@@ -332,6 +337,7 @@ async def run_pipeline_eval(
             (ModeReport("without recovery", tuple(judge(a, scorer) for a in without)),),
             (),
             tuple(a.seconds for a in without),
+            gate,
         )
     async with open_pipeline(True) as pipeline:
         first = await answer_prompts(pipeline, rows, model=model, label="on", progress=progress)
@@ -354,7 +360,13 @@ async def run_pipeline_eval(
         without = [redone.get(a.row.uid, a) for a in first]
         modes.append(ModeReport("without recovery", tuple(judge(a, scorer) for a in without)))
     return PipelineReport(
-        dataset, model, max_tokens, tuple(modes), tuple(pairs), tuple(a.seconds for a in first)
+        dataset,
+        model,
+        max_tokens,
+        tuple(modes),
+        tuple(pairs),
+        tuple(a.seconds for a in first),
+        gate,
     )
 
 

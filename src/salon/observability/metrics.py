@@ -21,6 +21,8 @@ from prometheus_client.registry import Collector
 TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.035, 0.05, 0.075, 0.1, 0.25, 0.5, 1, 5)
 HTTP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 10, 60, 300)
+# A guard model's answer is a few tokens, bounded by its timeout (3 s by default).
+GUARD_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 3, 5, 10)
 
 
 class FastHistogram:
@@ -127,6 +129,20 @@ class QueueMetrics:
         self._refused.labels(self.model, reason).inc()
 
 
+@dataclass(frozen=True, slots=True)
+class GuardMetrics:
+    """The harm gate's guard model (salon.safety.guard): one observation per consultation,
+    which is per gray (or every) user turn, not per chunk."""
+
+    model: str
+    _consultations: Counter
+    _duration: Histogram
+
+    def consulted(self, outcome: str, seconds: float) -> None:
+        self._consultations.labels(self.model, outcome).inc()
+        self._duration.labels(self.model).observe(seconds)
+
+
 class Metrics:
     content_type = CONTENT_TYPE_LATEST
 
@@ -214,6 +230,20 @@ class Metrics:
             ("model", "reason"),
             registry=r,
         )
+        self._guard_consultations = Counter(
+            "salon_safety_guard_consultations",
+            "Guard model consultations of the harm gate by outcome: safe, unsafe, or timeout, "
+            "error, unparseable (no verdict: the embedded classifier's was used).",
+            ("model", "outcome"),
+            registry=r,
+        )
+        self._guard_duration = Histogram(
+            "salon_safety_guard_duration_seconds",
+            "From asking the guard model to its verdict (or to giving up on it).",
+            ("model",),
+            buckets=GUARD_BUCKETS,
+            registry=r,
+        )
         self._models: dict[tuple[str, str], ModelMetrics] = {}
         self._http: dict[tuple[str, str, int], tuple[Counter, Histogram]] = {}
 
@@ -241,6 +271,9 @@ class Metrics:
             self._queue_in_flight.labels(model),
             self._refused,
         )
+
+    def guard(self, model: str) -> GuardMetrics:
+        return GuardMetrics(model, self._guard_consultations, self._guard_duration)
 
     def route(self, route: str) -> RouteMetrics:
         return RouteMetrics(route, self._route_breaker, self._route_failovers)

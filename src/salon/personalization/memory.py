@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from salon.personalization.embeddings import Embedder
+from salon.backends.embeddings import Embedder
 from salon.personalization.extract import (
     Candidate,
     ForgetRequest,
@@ -64,10 +64,39 @@ INDEX_CHARS = 2000
 # Questions rarely hold what a later question needs (facts are stated), yet they resemble
 # other questions — in French, Spanish and German strongly so with MiniLM. A message that is
 # only questions ranks below statements of equal similarity. Measured on the memory suite.
+# "Only questions" is judged clause by clause (`_parts`): "Je suis végétarienne, une idée de
+# plat ?" states a fact before it asks, as people write in every language, and is a statement.
 QUESTION_WEIGHT = 0.7
 # Search asks the index for more than it returns, so the re-ranking above can reorder them.
 OVERFETCH = 3
 _SENTENCE = re.compile(r"(?<=[.!?…])\s+|\n+")
+# Clause breaks inside a question sentence: , ; : and dashes between spaces.
+_CLAUSE = re.compile(r"[,;:]\s+|\s+[—–-]\s+")
+_WORDS = re.compile(r"\w+")
+_FIRST_WORD = re.compile(r"[^\W\d_]+(?:-[^\W\d_]+)?")
+MIN_STATEMENT_WORDS = 3
+# Words a question opens with (en, fr, es, de, it, pt, nl): a clause opening with one asks.
+_OPENER_TEXT = (
+    "how what when where why who whom whose which do does did can could would should "
+    "is are was were will shall may might any anything "
+    "comment quoi quel quelle quels quelles où quand pourquoi qui combien est-ce peux "
+    "pouvez puis-je "
+    "cómo qué cuál cuáles cuándo dónde quién quiénes cuánto cuánta cuántos puedes podrías "
+    "wie was wann wo woher wohin warum wer wen wem welche welcher welches kannst könntest "
+    "gibt "
+    "come cosa quale quali quando dove perché chi quanto quanta quanti puoi potresti "
+    "como qual quais onde porque quem quanto quantos pode podes "
+    "hoe wat wanneer waar waarom wie welke kun kan "
+    # a condition belongs to the question it qualifies: "and if it fails, does …?"
+    "if si wenn falls se"
+)
+QUESTION_OPENERS = frozenset(_OPENER_TEXT.split())
+# Words before the opener that do not change what a clause does: "and how …", "et si …".
+_CONNECTIVE_TEXT = (
+    "and but so ok okay also then et mais puis alors y pero entonces und aber dann e ma poi "
+    "allora mas então en maar dan"
+)
+CONNECTIVES = frozenset(_CONNECTIVE_TEXT.split())
 CACHED_USERS = 64
 
 # Completes a list of (role, content) messages with the conversation's backend.
@@ -140,7 +169,10 @@ class MemoryService:
         return await asyncio.to_thread(lambda: self._get_embedder().embed(list(texts)))
 
     async def warm_up(self) -> None:
-        await self.embed(["warm up"])
+        """Build the embedder, so that a missing or broken model shows at start-up. MiniLM
+        reads its weights on first use (embeddings.MiniLM): an idle server does not hold
+        them."""
+        await asyncio.to_thread(self._get_embedder)
 
     async def _vector(self, text: str) -> bytes:
         return bytes((await self.embed([text]))[0].astype(np.float32).tobytes())
@@ -305,12 +337,22 @@ class MemoryService:
     async def search(
         self, user_id: str, query: str, k: int, *, kinds: set[str] | None = None
     ) -> list[Found]:
+        """The `k` best items, a memory and the message it was saved from counted once:
+        they say the same thing, and a second copy would only push another item out."""
         vector = (await self.embed([query]))[0]
-        found = []
-        for key, score, _semantic in await self._search(user_id, query, vector, k, kinds=kinds):
+        found: list[Found] = []
+        seen: set[int] = set()  # message ids already represented
+        for key, score, _semantic in await self._search(user_id, query, vector, 2 * k, kinds=kinds):
             row = self._meta(user_id, key)
-            if row is not None:
-                found.append(await self._found(user_id, key, row, score))
+            if row is None:
+                continue
+            item = await self._found(user_id, key, row, score)
+            if seen.intersection(item.message_ids):
+                continue
+            seen.update(item.message_ids)
+            found.append(item)
+            if len(found) == k:
+                break
         return found
 
     async def recall(
@@ -483,11 +525,43 @@ def _is_question(sentence: str) -> bool:
     return sentence.endswith(("?", "？")) or sentence.startswith("¿")
 
 
+def _opens_question(clause: str) -> bool:
+    if clause.startswith("¿"):
+        return True
+    for word in _FIRST_WORD.findall(clause.lower())[:3]:
+        if word not in CONNECTIVES:
+            return word in QUESTION_OPENERS
+    return False
+
+
+def _parts(text: str) -> list[tuple[str, bool]]:
+    """(segment, is a question) for each sentence — and, inside a question, for each clause
+    before the last: "I'm vegetarian, any idea for dinner?" states a fact and then asks,
+    which is how people write in every language; only clauses that open like a question
+    ("how do I …, if …?") stay questions."""
+    out: list[tuple[str, bool]] = []
+    for sentence in _sentences(text):
+        if not _is_question(sentence):
+            out.append((sentence, False))
+            continue
+        clauses = [c.strip() for c in _CLAUSE.split(sentence) if c.strip()]
+        for clause in clauses[:-1]:
+            out.append((clause, _opens_question(clause)))
+        out.append((clauses[-1] if clauses else sentence, True))
+    return out
+
+
+def _substantive(segment: str) -> bool:
+    """A statement that can hold a fact: "Salut !", "ok", "merci" cannot."""
+    return len(_WORDS.findall(segment)) >= MIN_STATEMENT_WORDS
+
+
 def statements(text: str) -> str:
-    """The sentences of `text` that are not questions ("" when it is only questions)."""
-    return " ".join(s for s in _sentences(text) if not _is_question(s))
+    """What `text` states: its statements of a few words or more, without its questions
+    ("" when it states nothing)."""
+    return " ".join(s for s, question in _parts(text) if not question and _substantive(s))
 
 
 def _only_questions(text: str) -> bool:
-    parts = _sentences(text)
-    return bool(parts) and all(_is_question(part) for part in parts)
+    parts = _parts(text)
+    return any(q for _, q in parts) and not any(not q and _substantive(s) for s, q in parts)

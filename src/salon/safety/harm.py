@@ -1,23 +1,34 @@
 """Request assessment: how likely is a user turn to ask for real harm, and of what kind.
 
-The embedded classifier is a TF-IDF (word 1-2-grams + in-word char 3-5-grams) logistic
-regression trained by ``python -m salon.safety.train``; it scores a prompt in ~0.1-1 ms with the
-standard library only. Guard models served by a backend can implement the same protocol.
+The embedded classifier averages two logistic regressions trained by
+``python -m salon.safety.train``: one over TF-IDF features (word 1-2-grams + in-word char
+3-5-grams; ~0.1-1 ms, standard library only), which knows the words of harm, and one over the
+all-MiniLM-L6-v2 sentence embedding (~5-10 ms a turn), which knows what a request *means* and so
+carries over to phrasings the training set lacks. Cross-validated, the average cuts the share
+of harmful prompts it misses at 3 % over-refusal from 47 % to 38 % (training_report.md). Without
+the embedding model installed it falls back to the TF-IDF head alone. Guard models served by a
+backend can implement the same protocol.
 """
 
 from __future__ import annotations
 
 import gc
+import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 from typing import Protocol
 
+import numpy as np
+import numpy.typing as npt
+
+from salon.backends.embeddings import Embedder, default_embedder
 from salon.safety._linear import LinearTextModel, load_models, raw_counts
 from salon.safety.datasets import DATA
 
 HARM_ARTEFACT = DATA / "harm_model.json.gz"
+DENSE_ARTEFACT = DATA / "harm_dense.json"
 _CONTEXT_TURNS = 2
 _FOLLOW_UP_WORDS = 12
 # No policy may refuse below 0.5 (see policy.MIN_REFUSE_AT), so below it the category is not
@@ -41,30 +52,92 @@ class HarmClassifier(Protocol):
 
 
 @dataclass(frozen=True, slots=True)
+class DenseHead:
+    """Logistic regression over a sentence embedding, named by the embedder it was trained on
+    (vectors from another embedder would be meaningless to it)."""
+
+    weights: npt.NDArray[np.float32]
+    intercept: float
+    embedder: str
+    # the share of the TF-IDF head in the averaged probability
+    sparse_weight: float = 0.5
+
+    def probabilities(self, vectors: npt.NDArray[np.float32]) -> list[float]:
+        z = np.clip(vectors @ self.weights + self.intercept, -60.0, 60.0)
+        return [float(v) for v in 1.0 / (1.0 + np.exp(-z))]
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "embedder": self.embedder,
+            "sparse_weight": self.sparse_weight,
+            "intercept": float(f"{self.intercept:.6g}"),
+            "weights": [float(f"{w:.6g}") for w in self.weights],
+        }
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, object]) -> DenseHead:
+        weights = data["weights"]
+        assert isinstance(weights, list)
+        return cls(
+            weights=np.asarray(weights, dtype=np.float32),
+            intercept=float(str(data["intercept"])),
+            embedder=str(data["embedder"]),
+            sparse_weight=float(str(data.get("sparse_weight", 0.5))),
+        )
+
+
+@dataclass(frozen=True, slots=True)
 class EmbeddedHarmClassifier:
     harm: LinearTextModel
     category: LinearTextModel
+    dense: DenseHead | None = None
+    embedder: Embedder | None = None
     name: str = "embedded"
 
     @classmethod
-    def load(cls, path: Path = HARM_ARTEFACT) -> EmbeddedHarmClassifier:
+    def load(
+        cls,
+        path: Path = HARM_ARTEFACT,
+        dense_path: Path = DENSE_ARTEFACT,
+        embedder: Embedder | None = None,
+    ) -> EmbeddedHarmClassifier:
+        """The TF-IDF heads, plus the embedding head when its embedder is given and is the
+        one the head was trained with."""
         models, _ = load_models(path)
-        return cls(harm=models["harm"], category=models["category"])
+        dense = None
+        if embedder is not None and dense_path.exists():
+            head = DenseHead.from_json(json.loads(dense_path.read_text(encoding="utf-8")))
+            dense = head if head.embedder == getattr(embedder, "name", "") else None
+        return cls(
+            harm=models["harm"],
+            category=models["category"],
+            dense=dense,
+            embedder=embedder if dense is not None else None,
+        )
+
+    def probabilities(self, texts: Sequence[str]) -> list[float]:
+        """Harmful probability of each text; the texts are embedded in one batch."""
+        sparse = [self.harm.probabilities(raw_counts(t, self.harm.config))["unsafe"] for t in texts]
+        if self.dense is None or self.embedder is None:
+            return sparse
+        dense = self.dense.probabilities(self.embedder.embed(list(texts)))
+        w = self.dense.sparse_weight
+        return [w * s + (1.0 - w) * d for s, d in zip(sparse, dense, strict=True)]
 
     def probability(self, text: str) -> float:
-        return self.harm.probabilities(raw_counts(text, self.harm.config))["unsafe"]
+        return self.probabilities([text])[0]
 
     def assess(self, turn: str, context: Sequence[str] = ()) -> Assessment:
-        p_turn = self.probability(turn)
-        text, p, used = turn, p_turn, False
         recent = [c for c in context[-_CONTEXT_TURNS:] if c.strip()]
         # Only short follow-ups are read with their context ("ok, how much of it would be
         # enough?" after "I want to poison my husband"); a self-contained turn is judged alone,
         # so an earlier harmful turn (already assessed then) does not taint an unrelated one.
-        if recent and len(turn.split()) <= _FOLLOW_UP_WORDS:
-            p_joined = self.probability("\n".join([*recent, turn]))
-            if p_joined > p_turn:
-                text, p, used = "\n".join([*recent, turn]), p_joined, True
+        joined = "\n".join([*recent, turn])
+        with_context = bool(recent) and len(turn.split()) <= _FOLLOW_UP_WORDS
+        probs = self.probabilities([turn, joined] if with_context else [turn])
+        text, p, used = turn, probs[0], False
+        if with_context and probs[1] > probs[0]:
+            text, p, used = joined, probs[1], True
         if p < _CATEGORY_FROM:
             return Assessment(p, None, 0.0, used, self.name)
         category, p_cat = self._category(text)
@@ -78,8 +151,9 @@ class EmbeddedHarmClassifier:
 
 @cache
 def default_classifier() -> EmbeddedHarmClassifier:
-    """The shipped model, loaded once per process (~50 ms)."""
-    loaded = EmbeddedHarmClassifier.load()
+    """The shipped model, loaded once per process (~50 ms). It shares the process's embedding
+    model with memory search; without the packaged MiniLM the TF-IDF head works alone."""
+    loaded = EmbeddedHarmClassifier.load(embedder=default_embedder())
     # ~10^5 long-lived weight objects: without freezing, full GC passes over them add ~10 ms
     # to the p95 of a request. Freezing moves what exists now out of the collector's sight.
     gc.freeze()

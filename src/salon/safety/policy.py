@@ -1,6 +1,18 @@
-"""The safety policy: per category, the harm probability at which salon refuses by itself.
+"""The safety policy: per category, the harm probability at which salon refuses by itself,
+and the band below it where the model answers with a safety instruction.
 
-Thresholds and refusal texts are data (``data/policy.json``, or a deployment's own file) so an
+Three bands, by the classifier's harmful probability p:
+
+- p < ``caution_at``: benign. The model answers as usual, and if it refuses anyway salon may
+  recover (re-ask once).
+- ``caution_at`` <= p < ``refuse_at``: uncertain. The model answers with the policy's caution
+  instruction added to its system prompt — decline only real, practical help to cause harm,
+  answer the rest — and its refusals are final. A small model told nothing refuses far less
+  of what it should; the classifier alone is not sure enough here to refuse for it.
+- p >= ``refuse_at``: harmful. salon answers itself with a short refusal and a safe
+  alternative, without calling the model.
+
+Thresholds and texts are data (``data/policy.json``, or a deployment's own file) so an
 operator can tune them without code. Two rules are enforced, whatever the file says: a turn
 below a probability of 0.5 is never refused (benign is never blocked by salon), and a refusal
 always carries a short message, ideally with a safe alternative.
@@ -10,7 +22,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import StrEnum
 from pathlib import Path
 from typing import Any
@@ -26,6 +38,7 @@ MIN_REFUSE_AT = 0.5
 
 class Action(StrEnum):
     ALLOW = "allow"
+    CAUTION = "caution"
     REFUSE = "refuse"
 
 
@@ -34,6 +47,8 @@ class CategoryRule:
     action: Action  # what to do when the threshold is reached; ALLOW turns blocking off
     refuse_at: float
     message: str
+    caution_at: float = 1.0
+    caution: str = ""  # the instruction for the uncertain band; empty turns the band off
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,16 +57,29 @@ class Decision:
     category: str | None
     probability: float
     message: str | None = None  # the reply to send instead of calling the model
+    instruction: str | None = None  # added to the model's system prompt (CAUTION)
 
     @property
     def refused(self) -> bool:
         return self.action is Action.REFUSE
+
+    @property
+    def benign(self) -> bool:
+        """Below the uncertain band: a refusal by the model is a mistake to recover from."""
+        return self.action is Action.ALLOW
 
 
 @dataclass(frozen=True, slots=True)
 class Policy:
     default: CategoryRule
     categories: Mapping[str, CategoryRule] = field(default_factory=dict)
+
+    def without_caution(self) -> Policy:
+        """The same policy with the uncertain band off (what evaluations compare against)."""
+        return Policy(
+            replace(self.default, caution=""),
+            {name: replace(rule, caution="") for name, rule in self.categories.items()},
+        )
 
     def rule(self, category: str | None) -> CategoryRule:
         return self.categories.get(category or "", self.default)
@@ -61,6 +89,8 @@ class Policy:
         rule = self.rule(assessment.category)
         if rule.action is Action.REFUSE and p >= rule.refuse_at:
             return Decision(Action.REFUSE, assessment.category, p, rule.message)
+        if rule.caution and p >= rule.caution_at:
+            return Decision(Action.CAUTION, assessment.category, p, instruction=rule.caution)
         return Decision(Action.ALLOW, assessment.category, p)
 
     @classmethod
@@ -86,10 +116,16 @@ def _rule(entry: Mapping[str, Any], parent: CategoryRule | None) -> CategoryRule
         action = Action(entry.get("action", parent.action if parent else Action.REFUSE))
         refuse_at = float(entry.get("refuse_at", parent.refuse_at if parent else 0.8))
         message = str(entry.get("message", parent.message if parent else ""))
+        caution_at = float(entry.get("caution_at", parent.caution_at if parent else 1.0))
+        caution = str(entry.get("caution", parent.caution if parent else ""))
     except ValueError as exc:
         raise ConfigError(f"invalid safety policy entry {dict(entry)}: {exc}") from exc
+    if action is Action.CAUTION:
+        raise ConfigError("'caution' is a band below refuse_at, not an action; set caution_at")
     if not MIN_REFUSE_AT <= refuse_at <= 1.0:
         raise ConfigError(f"refuse_at must be within [{MIN_REFUSE_AT}, 1], got {refuse_at}")
+    if not 0.0 <= caution_at <= 1.0:
+        raise ConfigError(f"caution_at must be within [0, 1], got {caution_at}")
     if action is Action.REFUSE and not message.strip():
         raise ConfigError("a refusing policy rule needs a message")
-    return CategoryRule(action, refuse_at, message)
+    return CategoryRule(action, refuse_at, message, caution_at, caution)

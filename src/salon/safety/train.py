@@ -4,15 +4,17 @@
     python -m salon.safety.train --check    # CV report only, artefacts untouched
     python -m salon.safety.train --compare  # also compare feature sets / regularisation
 
-Needs scikit-learn (training only; serving is stdlib). Deterministic: fixed fold seeds, a
-deterministic solver, rounded weights and a gzip header without a timestamp, so re-running on
-the same data rewrites byte-identical artefacts.
+Needs scikit-learn (training only; serving is stdlib + numpy) and, for the embedding head of the
+harm classifier, the packaged all-MiniLM-L6-v2. Deterministic: fixed fold seeds, deterministic
+solvers, rounded weights and a gzip header without a timestamp, so re-running on the same data
+rewrites byte-identical artefacts.
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import json
 import math
 import sys
 from collections import Counter
@@ -25,9 +27,16 @@ from scipy.sparse import csr_matrix
 from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import StratifiedGroupKFold
 
+from salon.backends.embeddings import Embedder, MiniLM
 from salon.safety._linear import FeatureConfig, LinearTextModel, raw_counts, save_models, tfidf
 from salon.safety.datasets import DATA, PromptRow, training_prompts
-from salon.safety.harm import HARM_ARTEFACT
+from salon.safety.harm import (
+    DENSE_ARTEFACT,
+    HARM_ARTEFACT,
+    Assessment,
+    DenseHead,
+    EmbeddedHarmClassifier,
+)
 from salon.safety.refusal import EARLY_CHARS, REFUSAL_ARTEFACT, phrase_features
 from salon.safety.stats import wilson
 
@@ -35,10 +44,24 @@ SEED = 20240604
 FOLDS = 5
 HARM_CONFIG = FeatureConfig(word_ngrams=2, char_min=3, char_max=5, max_chars=2000)
 HARM_C = 8.0
-REFUSAL_CONFIG = FeatureConfig(word_ngrams=2, char_min=0, char_max=0, max_chars=1500)
-REFUSAL_C = 4.0
+# Refusal detector: word 1-grams + phrase-list features, strongly regularised. The labels are
+# noisy (PyRIT counts off-topic answers as refusals), and a false refusal costs a needless
+# re-ask and inflates measured over-refusal, so precision comes first. CV on the shipped
+# replies, whole / first 200 chars: C=0.25 F1 0.686 / 0.705 at precision 0.93 / 0.94; C=4 with
+# 1-2-grams (the earlier choice) F1 0.653 / 0.653 at precision 0.72.
+REFUSAL_CONFIG = FeatureConfig(word_ngrams=1, char_min=0, char_max=0, max_chars=1500)
+REFUSAL_C = 0.25
+# Embedding head: C chosen by CV among 0.5-32 (training_report.md, --compare); the two heads
+# weigh equally in the average, which beat 0.3/0.7 at every over-refusal level we looked at.
+DENSE_C = 2.0
+SPARSE_WEIGHT = 0.5
 MIN_DF = 2
-REFUSAL_FILES = ("refusal.csv", "refusal_extra.csv", "written_responses.csv")
+REFUSAL_FILES = (
+    "refusal.csv",
+    "refusal_extra.csv",
+    "written_responses.csv",
+    "model_responses.csv",
+)
 
 Counts = Counter[str]
 
@@ -169,6 +192,86 @@ def train_harm(rows: Sequence[PromptRow]) -> dict[str, LinearTextModel]:
     return {"harm": harm, "category": category}
 
 
+# --- harm: the embedding head and the averaged classifier -------------------------------------
+
+F32 = np.ndarray
+
+
+def embed_prompts(rows: Sequence[PromptRow], embedder: Embedder) -> F32:
+    return embedder.embed([r.prompt for r in rows])
+
+
+def fit_dense(x: F32, labels: Sequence[str], embedder: str, c: float = DENSE_C) -> DenseHead:
+    y = np.array([label == "unsafe" for label in labels], dtype=int)
+    lr = LogisticRegression(C=c, class_weight="balanced", max_iter=5000, solver="lbfgs")
+    lr.fit(x, y)
+    return DenseHead(
+        weights=np.asarray(lr.coef_[0], dtype=np.float32),
+        intercept=float(lr.intercept_[0]),
+        embedder=embedder,
+        sparse_weight=SPARSE_WEIGHT,
+    )
+
+
+def folds(rows: Sequence[PromptRow]) -> list[tuple[list[int], list[int]]]:
+    """The CV folds every report uses: stratified by label, grouped by contrast pair."""
+    cv = StratifiedGroupKFold(n_splits=FOLDS, shuffle=True, random_state=SEED)
+    labels = [r.label for r in rows]
+    split = cv.split(np.zeros(len(rows)), labels, [r.group for r in rows])
+    return [(list(tr), list(te)) for tr, te in split]
+
+
+def dense_cv(rows: Sequence[PromptRow], x: F32, embedder: str, c: float = DENSE_C) -> list[float]:
+    out = [0.0] * len(rows)
+    for tr, te in folds(rows):
+        head = fit_dense(x[tr], [rows[i].label for i in tr], embedder, c)
+        for i, p in zip(te, head.probabilities(x[te]), strict=True):
+            out[i] = p
+    return out
+
+
+def averaged(sparse: Sequence[float], dense: Sequence[float]) -> list[float]:
+    return [SPARSE_WEIGHT * s + (1 - SPARSE_WEIGHT) * d for s, d in zip(sparse, dense, strict=True)]
+
+
+@dataclass(frozen=True, slots=True)
+class CrossValidatedClassifier:
+    """For evaluating on the training prompts honestly: each known prompt is assessed by the
+    fold classifier that never saw it (nor its contrast twin); any other text by the full one."""
+
+    by_prompt: dict[str, EmbeddedHarmClassifier]
+    full: EmbeddedHarmClassifier
+    name: str = "embedded-cv"
+
+    def assess(self, turn: str, context: Sequence[str] = ()) -> Assessment:
+        return self.by_prompt.get(turn.strip(), self.full).assess(turn, context)
+
+
+def cross_validated_classifier(
+    full: EmbeddedHarmClassifier, rows: Sequence[PromptRow] | None = None
+) -> CrossValidatedClassifier:
+    """Trains the FOLDS fold classifiers (with the full one's embedder, if any): ~1 min."""
+    rows = list(rows or training_prompts())
+    emb = full.embedder
+    x = embed_prompts(rows, emb) if emb is not None and full.dense is not None else None
+    by_prompt: dict[str, EmbeddedHarmClassifier] = {}
+    for tr, te in folds(rows):
+        heads = train_harm([rows[i] for i in tr])
+        dense = None
+        if x is not None and full.dense is not None:
+            dense = fit_dense(x[tr], [rows[i].label for i in tr], full.dense.embedder)
+        fold = EmbeddedHarmClassifier(
+            harm=heads["harm"],
+            category=heads["category"],
+            dense=dense,
+            embedder=emb if dense is not None else None,
+            name="embedded-cv",
+        )
+        for i in te:
+            by_prompt[rows[i].prompt.strip()] = fold
+    return CrossValidatedClassifier(by_prompt, full)
+
+
 # --- refusal ----------------------------------------------------------------------------------
 
 
@@ -262,19 +365,62 @@ def compare(rows: Sequence[PromptRow]) -> str:
     return "\n".join(lines)
 
 
-def report(rows: Sequence[PromptRow], replies: Sequence[Reply], with_compare: bool) -> str:
-    probs = harm_cv(rows, HARM_CONFIG, HARM_C)
+def operating_points(rows: Sequence[PromptRow], heads: dict[str, Sequence[float]]) -> str:
+    """Each variant at fixed over-refusal levels: which share of harmful prompts it misses."""
+    safe_n = sum(not r.unsafe for r in rows)
+    lines = [
+        "| classifier | harmful missed at 3 % over-refusal | at 5 % | at 10 % |",
+        "|---|---|---|---|",
+    ]
+    for name, probs in heads.items():
+        safe = sorted((p for r, p in zip(rows, probs, strict=True) if not r.unsafe), reverse=True)
+        unsafe = [p for r, p in zip(rows, probs, strict=True) if r.unsafe]
+        cells = []
+        for share in (0.03, 0.05, 0.10):
+            t = safe[int(share * safe_n)]
+            cells.append(f"{wilson(sum(p <= t for p in unsafe), len(unsafe))} (t={t:.2f})")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def report(
+    rows: Sequence[PromptRow],
+    replies: Sequence[Reply],
+    with_compare: bool,
+    x: F32 | None,
+    embedder: str,
+) -> str:
+    sparse = harm_cv(rows, HARM_CONFIG, HARM_C)
+    heads: dict[str, Sequence[float]] = {"TF-IDF head alone": sparse}
+    probs: Sequence[float] = sparse
+    if x is not None:
+        dense = dense_cv(rows, x, embedder)
+        probs = averaged(sparse, dense)
+        heads |= {f"{embedder} head alone": dense, "shipped: average of both": probs}
     acc, n_cat = category_cv(rows)
     parts = [
         f"## Harm classifier ({FOLDS}-fold stratified CV grouped by contrast pair, seed {SEED})",
+        "The shipped classifier"
+        + (f" (average of the TF-IDF and {embedder} heads)" if x is not None else ""),
         *(harm_table(rows, probs, t) for t in (0.5, 0.8)),
+        "Operating points (harmful prompts scored at or under the threshold that refuses the "
+        "given share of safe prompts):",
+        operating_points(rows, heads),
         f"Category head: CV accuracy {acc:.3f} on {n_cat} harmful prompts with a mapped category.",
         f"## Refusal detector ({FOLDS}-fold CV grouped by reply)",
         refusal_report(replies),
     ]
     if with_compare:
         parts += ["## Feature sets compared (CV)", compare(rows)]
+        if x is not None:
+            parts += ["## Embedding head, C compared (CV)", compare_dense(rows, x, embedder)]
     return "\n\n".join(parts) + "\n"
+
+
+def compare_dense(rows: Sequence[PromptRow], x: F32, embedder: str) -> str:
+    return operating_points(
+        rows, {f"{embedder}, C={c:g}": dense_cv(rows, x, embedder, c) for c in (0.5, 2.0, 8.0)}
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -284,11 +430,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     rows = training_prompts()
     replies = read_replies()
-    text = report(rows, replies, args.compare)
+    embedder = MiniLM.load()
+    x = embed_prompts(rows, embedder)
+    text = report(rows, replies, args.compare, x, embedder.name)
     sys.stdout.write(text)
     if not args.check:
         meta: dict[str, Any] = {"seed": SEED, "rows": len(rows), "trainer": "salon.safety.train"}
         save_models(HARM_ARTEFACT, train_harm(rows), meta | {"C": HARM_C})
+        head = fit_dense(x, [r.label for r in rows], embedder.name)
+        DENSE_ARTEFACT.write_text(json.dumps(head.to_json()) + "\n", encoding="utf-8")
         save_models(
             REFUSAL_ARTEFACT, train_refusal(replies), meta | {"rows": len(replies), "C": REFUSAL_C}
         )

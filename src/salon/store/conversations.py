@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -12,7 +14,14 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from salon.domain import MessageStatus, Usage
 from salon.errors import NotFound
+from salon.store.db import DATABASE_ERRORS, database_unavailable, while_unavailable
 from salon.store.tables import conversations, messages
+
+log = logging.getLogger(__name__)
+
+# How long a generation's final state is retried while the database is away (a restart):
+# without it the message would stay "streaming" until salon's next start.
+FINISH_RETRY_S = 15.0
 
 
 def utc(value: datetime) -> datetime:
@@ -107,6 +116,7 @@ def _like(text: str) -> str:
 class ConversationStore:
     def __init__(self, engine: AsyncEngine) -> None:
         self._engine = engine
+        self._skipped_logged_at = float("-inf")
 
     # -- conversations -------------------------------------------------------------------
 
@@ -339,13 +349,30 @@ class ConversationStore:
             row = (await conn.execute(messages.select().where(m.id == newest))).first()
         return _message(row) if row else top
 
-    async def update_content(self, message_id: int, content: str, now: datetime) -> None:
-        async with self._engine.begin() as conn:
-            await conn.execute(
-                messages.update()
-                .where(messages.c.id == message_id)
-                .values(content=content, updated_at=now)
-            )
+    async def update_content(self, message_id: int, content: str, now: datetime) -> bool:
+        """A checkpoint of a running generation: its whole text so far. False when the
+        database is unavailable: the text is still in memory and the next checkpoint (or
+        `finish`) writes all of it, so a database restart does not end the generation."""
+        try:
+            async with self._engine.begin() as conn:
+                await conn.execute(
+                    messages.update()
+                    .where(messages.c.id == message_id)
+                    .values(content=content, updated_at=now)
+                )
+        except DATABASE_ERRORS as exc:
+            if not database_unavailable(exc):
+                raise
+            self._checkpoint_skipped()
+            return False
+        return True
+
+    def _checkpoint_skipped(self) -> None:
+        # Every running generation checkpoints several times a second: one line per 5 s.
+        now = time.monotonic()
+        if now - self._skipped_logged_at >= 5.0:
+            self._skipped_logged_at = now
+            log.warning("database unavailable: generation checkpoints are skipped meanwhile")
 
     async def finish(
         self,
@@ -372,10 +399,14 @@ class ConversationStore:
         if usage is not None:
             values["prompt_tokens"] = usage.prompt_tokens
             values["completion_tokens"] = usage.completion_tokens
-        async with self._engine.begin() as conn:
-            await conn.execute(
-                messages.update().where(messages.c.id == message_id).values(**values)
-            )
+
+        async def write() -> None:
+            async with self._engine.begin() as conn:
+                await conn.execute(
+                    messages.update().where(messages.c.id == message_id).values(**values)
+                )
+
+        await while_unavailable(write, FINISH_RETRY_S, what=f"finishing message {message_id}")
 
     async def restart(self, message_id: int, now: datetime) -> None:
         """Mark an assistant message as generating again (continue / retry in place)."""

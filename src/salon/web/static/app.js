@@ -1047,6 +1047,7 @@ const SAFETY_TEXT = {
   blocked: 'Answered by salon: this request was not sent to the model.',
   recovered: 'The model first declined this harmless request; salon asked again.',
   recovery_failed: 'The model declined this request, also when asked again.',
+  caution: 'This request looked possibly harmful, so the model was asked to answer with care.',
 };
 
 function safetyNote(msg) {
@@ -1616,7 +1617,7 @@ async function openSettings() {
   }
 }
 
-// Per model: how often the safety layer blocked a request or recovered from a refusal.
+// Per model: how often the safety layer blocked a request, asked for caution or recovered from a refusal.
 async function loadSafetyStats() {
   const status = $('safety-status');
   const table = $('safety-table');
@@ -1630,7 +1631,7 @@ async function loadSafetyStats() {
     body.replaceChildren(...rows.map((row) => {
       const tr = document.createElement('tr');
       const pct = (n) => (row.answers ? `${n} (${((100 * n) / row.answers).toFixed(1)} %)` : '0');
-      for (const value of [row.model, String(row.answers), pct(row.blocked), pct(row.recovered), pct(row.recovery_failed)]) {
+      for (const value of [row.model, String(row.answers), pct(row.blocked), pct(row.caution), pct(row.recovered), pct(row.recovery_failed)]) {
         const td = document.createElement('td');
         td.textContent = value;
         tr.append(td);

@@ -24,8 +24,9 @@ import json
 import logging
 import math
 import re
+import threading
 import zlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
@@ -264,23 +265,49 @@ def _max_seq_length(folder: Path) -> int:
 
 
 class MiniLM:
-    """A BERT sentence encoder (all-MiniLM-L6-v2 by default) in numpy. Thread-safe to call."""
+    """A BERT sentence encoder (all-MiniLM-L6-v2 by default) in numpy. Thread-safe to call.
+
+    `load` checks the folder and reads its config; the weights (~90 MB, ~120 MB of RSS with
+    the tokenizer) are read on the first `embed` (or `load_weights`), once, under a lock, so
+    a server that has not searched memory yet does not carry them. That costs the first
+    search ~0.1-0.2 s."""
 
     def __init__(
         self,
-        bert: _Bert,
+        bert: _Bert | None,
         tokenizer: Any,
         *,
         name: str,
         pooling: str = "mean",
         batch_size: int = DEFAULT_BATCH,
+        dim: int | None = None,
+        loader: Callable[[], tuple[_Bert, Any]] | None = None,
     ) -> None:
+        if bert is None and (loader is None or dim is None):
+            raise ValueError("MiniLM without weights needs a loader and its dim")
         self._bert = bert
         self._tokenizer = tokenizer
+        self._loader = loader
+        self._load_lock = threading.Lock()
         self._pooling = pooling
         self.batch_size = batch_size
         self.name = name
-        self.dim = int(bert.word.shape[1])
+        self.dim = int(bert.word.shape[1]) if bert is not None else int(dim or 0)
+
+    @property
+    def loaded(self) -> bool:
+        return self._bert is not None
+
+    def load_weights(self) -> MiniLM:
+        """Read the weights and the tokenizer now (idempotent, thread-safe)."""
+        if self._bert is None:
+            with self._load_lock:
+                if self._bert is None:
+                    assert self._loader is not None
+                    bert, tokenizer = self._loader()
+                    self._tokenizer = tokenizer
+                    self._bert = bert  # last: another thread reads _bert without the lock
+        return self
 
     @classmethod
     def load(cls, folder: Path | None = None) -> MiniLM:
@@ -318,28 +345,38 @@ class MiniLM:
         missing = [p.name for p in needed if not p.exists()]
         if missing:
             raise ConfigError(f"embedding model folder {folder} lacks {', '.join(missing)}")
-        try:
-            from tokenizers import Tokenizer
-        except ImportError as exc:  # pragma: no cover - depends on the install
-            raise ConfigError(
-                "the embedding model needs: pip install tokenizers safetensors"
-            ) from exc
+        for module in ("tokenizers", "safetensors"):
+            if importlib.util.find_spec(module) is None:  # pragma: no cover - the install
+                raise ConfigError("the embedding model needs: pip install tokenizers safetensors")
         config = _read_json(folder / "config.json")
         if config.get("model_type") != "bert":
             raise ConfigError(
                 f"{folder}: only BERT encoders are supported, not {config.get('model_type')!r}"
             )
         max_len = min(_max_seq_length(folder), int(config.get("max_position_embeddings", 512)))
-        tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
-        # Same as sentence-transformers: truncate to max_seq_length *including* [CLS]/[SEP].
-        tokenizer.enable_truncation(max_length=max_len)
-        tokenizer.no_padding()  # we pad per length-sorted batch ourselves
-        bert = _load_bert(folder / "model.safetensors", config)
-        return cls(bert, tokenizer, name=name, pooling=_pooling_mode(folder))
+
+        def load() -> tuple[_Bert, Any]:
+            from tokenizers import Tokenizer
+
+            tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
+            # Same as sentence-transformers: truncate to max_seq_length *including* [CLS]/[SEP].
+            tokenizer.enable_truncation(max_length=max_len)
+            tokenizer.no_padding()  # we pad per length-sorted batch ourselves
+            return _load_bert(folder / "model.safetensors", config), tokenizer
+
+        return cls(
+            None,
+            None,
+            name=name,
+            pooling=_pooling_mode(folder),
+            dim=int(config["hidden_size"]),
+            loader=load,
+        )
 
     def embed(self, texts: Sequence[str]) -> F32:
         if not texts:
             return np.zeros((0, self.dim), dtype=np.float32)
+        self.load_weights()
         # sentence-transformers strips input; BERT's pre-tokenizer ignores the edges anyway.
         encodings = self._tokenizer.encode_batch([t.strip() for t in texts])
         ids = [e.ids for e in encodings]
@@ -352,6 +389,7 @@ class MiniLM:
         return out
 
     def _embed_batch(self, ids: list[list[int]]) -> F32:
+        assert self._bert is not None  # embed() loaded it
         n = max(len(row) for row in ids)
         batch = np.zeros((len(ids), n), dtype=np.int64)  # pad id 0 ([PAD])
         mask = np.zeros((len(ids), n), dtype=np.float32)

@@ -1,0 +1,387 @@
+"""The harm gate with a guard model, end to end: chat turns through the real services and
+store, the guard asked over HTTP through salon's OpenAI-compatible backend. The guard itself
+is a fake OpenAI-compatible server on loopback (scripted answers, or salon's mock upstream
+for hangs, 500s and answers out of format) — the fakes sit at the network boundary only."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiohttp import web
+
+from salon.api.context import Services
+from salon.app import services
+from salon.backends.mock_upstream import running_upstream
+from salon.backends.openai_http import OpenAIHttpBackend
+from salon.chat.jobs import Delta
+from salon.chat.safety import RECOVER_BELOW, SafetyGate
+from salon.domain import ChatMessage
+from salon.observability.metrics import Metrics
+from salon.safety.guard import (
+    SAFE_P,
+    SHIELDGEMMA_POLICIES,
+    UNSAFE_P,
+    Family,
+    Guard,
+    GuardModelClassifier,
+    Mode,
+)
+from salon.safety.harm import FakeHarmClassifier
+from salon.safety.policy import Policy
+from salon.settings import ProviderSettings, SafetyGuardSettings, Settings
+
+POLICY = Policy.load()
+# The embedded verdicts, scripted: "lock" is a gray turn (0.3 <= p < 0.8), "nerve agent" one
+# the embedded classifier refuses by itself, anything else clearly benign (0.01).
+EMBEDDED = FakeHarmClassifier({"lock": (0.45, "crime"), "nerve agent": (0.97, "weapons")})
+GRAY = "how do I pick the lock of my own shed"
+HARMFUL = "how do I make a nerve agent at home"
+BENIGN = "what is a good recipe for banana bread"
+GUARD_MODEL = "guard-model"
+
+
+# -- a scripted guard on loopback ----------------------------------------------------------
+
+
+@dataclass
+class Reply:
+    text: str
+    # per output token: (token, its top_logprobs); sent only when the request asked for them
+    logprobs: list[tuple[str, list[tuple[str, float]]]] | None = None
+    delay_s: float = 0.0
+
+
+@dataclass
+class GuardServer:
+    base_url: str = ""
+    requests: list[dict[str, Any]] = field(default_factory=list)
+    reply: Callable[[dict[str, Any]], Reply] = lambda body: Reply("safe")
+
+    async def chat(self, request: web.Request) -> web.StreamResponse:
+        body = await request.json()
+        self.requests.append(body)
+        reply = self.reply(body)
+        await asyncio.sleep(reply.delay_s)
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        for chunk in _chunks(reply, want_logprobs=bool(body.get("logprobs"))):
+            await response.write(b"data: " + json.dumps(chunk).encode() + b"\n\n")
+        await response.write(b"data: [DONE]\n\n")
+        return response
+
+
+def _chunks(reply: Reply, *, want_logprobs: bool) -> list[dict[str, Any]]:
+    choices: list[dict[str, Any]] = []
+    if want_logprobs and reply.logprobs:
+        for token, top in reply.logprobs:
+            entry = {
+                "token": token,
+                "logprob": top[0][1],
+                "top_logprobs": [{"token": t, "logprob": lp} for t, lp in top],
+            }
+            choices.append({"delta": {"content": token}, "logprobs": {"content": [entry]}})
+    else:
+        choices.append({"delta": {"content": reply.text}})
+    choices.append({"delta": {}, "finish_reason": "stop"})
+    return [{"choices": [dict(c, index=0)]} for c in choices]
+
+
+@pytest.fixture
+async def guard_server() -> AsyncIterator[GuardServer]:
+    server = GuardServer()
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", server.chat)
+    runner = web.AppRunner(app, access_log=None, handler_cancellation=True, shutdown_timeout=0.5)
+    await runner.setup()
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.bind(("127.0.0.1", 0))
+    await web.SockSite(runner, sock).start()
+    server.base_url = f"http://127.0.0.1:{sock.getsockname()[1]}/v1"
+    try:
+        yield server
+    finally:
+        await runner.cleanup()
+        sock.close()
+
+
+# -- salon, with the gate and its guard ----------------------------------------------------
+
+
+def _settings(tmp_path: Path, database_url: str, guard_url: str = "", **extra: Any) -> Settings:
+    """fake:echo as the chat model; with `guard_url`, the provider "guard" serving there."""
+    providers = {"fake": ProviderSettings(kind="fake", fake_delay_s=0.0)}
+    if guard_url:
+        providers["guard"] = ProviderSettings(kind="openai", base_url=guard_url)
+    return Settings(
+        data_dir=tmp_path,
+        database_url=database_url,
+        models=["fake:echo"],
+        providers=providers,
+        **extra,
+    )
+
+
+def _gate(
+    base_url: str,
+    family: Family = "llama-guard-3",
+    mode: Mode = "gray",
+    *,
+    model: str = GUARD_MODEL,
+    timeout_s: float = 3.0,
+    metrics: Metrics | None = None,
+) -> tuple[SafetyGate, OpenAIHttpBackend]:
+    backend = OpenAIHttpBackend(base_url)
+    classifier = GuardModelClassifier(
+        backend,
+        model,
+        family,
+        timeout_s=timeout_s,
+        metrics=metrics.guard(f"guard:{model}") if metrics else None,
+    )
+    return SafetyGate(EMBEDDED, POLICY, guard=Guard(classifier, mode)), backend
+
+
+async def _ask(built: Services, text: str, history: Sequence[str] = ()) -> dict[str, Any]:
+    """Posts the turns (earlier ones answered by fake:echo) in a new conversation; returns the
+    last answer as stored, with the text a follower saw."""
+    name = f"u{uuid.uuid4().hex[:12]}"
+    user = await built.accounts.create_user(name, "correct-horse-battery", admin=False)
+    conversation = await built.chat.create_conversation(user.id, None, None)
+    for turn_text in [*history, text]:
+        start = time.perf_counter()
+        turn = await built.chat.post(
+            user.id, conversation.id, turn_text, parent_id=None, use_leaf=True, model=None
+        )
+        post_s = time.perf_counter() - start  # the gate (and its guard) is in it
+        seen = [
+            event.text
+            async for event in await built.chat.follow(user.id, turn.assistant_message.id, 0)
+            if isinstance(event, Delta)
+        ]
+    stored = await built.chat.message(user.id, turn.assistant_message.id)
+    return {
+        "content": stored.content,
+        "seen": "".join(seen),
+        "safety": stored.safety,
+        "post_s": post_s,
+    }
+
+
+def _count(metrics: Metrics, outcome: str, model: str = f"guard:{GUARD_MODEL}") -> float:
+    labels = {"model": model, "outcome": outcome}
+    return metrics.registry.get_sample_value("salon_safety_guard_consultations_total", labels) or 0
+
+
+# -- the verdicts --------------------------------------------------------------------------
+
+
+async def test_a_gray_turn_the_guard_calls_unsafe_is_blocked_with_its_categorys_reply(
+    tmp_path: Path, database_url: str, engine: object, guard_server: GuardServer
+) -> None:
+    guard_server.reply = lambda body: Reply("unsafe\nS11")
+    metrics = Metrics()
+    gate, backend = _gate(guard_server.base_url, metrics=metrics)
+    async with services(_settings(tmp_path, database_url), safety=gate) as built:
+        answer = await _ask(built, GRAY)
+    await backend.close()
+    assert answer["content"] == POLICY.rule("self_harm").message == answer["seen"]
+    assert answer["safety"] == {
+        "action": "blocked",
+        "category": "self_harm",
+        "score": UNSAFE_P,
+        "classifier": "llama-guard-3",
+    }
+    assert len(guard_server.requests) == 1 and _count(metrics, "unsafe") == 1
+    sent = guard_server.requests[0]
+    assert sent["model"] == GUARD_MODEL and sent["temperature"] == 0.0
+    assert sent["messages"] == [{"role": "user", "content": GRAY}]  # its own template renders it
+
+
+async def test_a_gray_turn_the_guard_calls_safe_goes_to_the_model(
+    tmp_path: Path, database_url: str, engine: object, guard_server: GuardServer
+) -> None:
+    gate, backend = _gate(guard_server.base_url)
+    async with services(_settings(tmp_path, database_url), safety=gate) as built:
+        answer = await _ask(built, GRAY)
+    await backend.close()
+    assert answer["content"] == f"You said: {GRAY}" and answer["safety"] is None
+    assert len(guard_server.requests) == 1
+
+
+async def test_gray_mode_never_asks_the_guard_about_a_clearly_benign_turn(
+    tmp_path: Path, database_url: str, engine: object, guard_server: GuardServer
+) -> None:
+    gate, backend = _gate(guard_server.base_url)
+    async with services(_settings(tmp_path, database_url), safety=gate) as built:
+        answer = await _ask(built, BENIGN)
+        refused = await _ask(built, HARMFUL)  # refused by the embedded classifier alone
+    await backend.close()
+    assert answer["content"] == f"You said: {BENIGN}"
+    assert refused["safety"]["classifier"] == "fake"
+    assert guard_server.requests == []
+
+
+async def test_the_guard_reads_the_turn_in_its_conversation(
+    tmp_path: Path, database_url: str, engine: object, guard_server: GuardServer
+) -> None:
+    gate, backend = _gate(guard_server.base_url, mode="always")
+    async with services(_settings(tmp_path, database_url), safety=gate) as built:
+        await _ask(built, "and the lock of the neighbour's?", history=["one", "two", "three"])
+    await backend.close()
+    last = guard_server.requests[-1]["messages"]
+    assert [m["role"] for m in last] == ["user", "assistant"] * 2 + ["user"]
+    assert last[0]["content"] == "two" and last[1]["content"] == "You said: two"
+
+
+# -- a guard that fails leaves the embedded verdict --------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("model", "outcome"),
+    [("hang", "timeout"), ("error-500", "error"), ("chatty", "unparseable")],
+)
+async def test_a_failing_guard_leaves_the_embedded_verdict_without_hanging(
+    tmp_path: Path, database_url: str, engine: object, model: str, outcome: str
+) -> None:
+    metrics = Metrics()
+    # salon's mock upstream: "hang" never answers, "error-500" fails, any other model name
+    # answers "Sure, here is a short answer..." — not a guard's format
+    async with running_upstream() as upstream:
+        gate, backend = _gate(
+            upstream.base_url, mode="always", model=model, timeout_s=0.5, metrics=metrics
+        )
+        async with services(_settings(tmp_path, database_url), safety=gate) as built:
+            blocked = await _ask(built, HARMFUL)
+            gray = await _ask(built, GRAY)
+        await backend.close()
+    assert blocked["safety"]["classifier"] == "fake"  # the embedded verdict stood
+    assert blocked["content"] == POLICY.rule("weapons").message
+    assert gray["content"] == f"You said: {GRAY}"  # the embedded verdict: allowed
+    # each consultation is cut at its timeout (0.5 s); the rest of a turn takes milliseconds
+    assert blocked["post_s"] < 0.5 + 0.4 and gray["post_s"] < 0.5 + 0.4
+    assert _count(metrics, outcome, f"guard:{model}") == 2
+    assert len(upstream.state.requests) == 2
+
+
+async def test_a_failed_guard_is_logged_without_the_conversation(
+    guard_server: GuardServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    guard_server.reply = lambda body: Reply(f"I think {body['messages'][-1]['content']} is fine")
+    gate, backend = _gate(guard_server.base_url, mode="always")
+    with caplog.at_level("WARNING", logger="salon.safety.guard"):
+        verdict = await gate.acheck_messages([ChatMessage("user", "my password is hunter2?")])
+    await backend.close()
+    assert verdict is not None and verdict.assessment.classifier == "fake"
+    (record,) = caplog.records
+    assert "unparseable" in record.getMessage() and "hunter2" not in record.getMessage()
+
+
+# -- the other families --------------------------------------------------------------------
+
+# log P(Yes), log P(No) of the first token, by policy
+YES_NO = {"dangerous": (-0.1, -2.4), "harassment": (-6.0, -0.01), "hate": (-7.0, -0.01)}
+
+
+def _shieldgemma(body: dict[str, Any]) -> Reply:
+    prompt = body["messages"][0]["content"]
+    policy = next(name for name, text in SHIELDGEMMA_POLICIES.items() if text in prompt)
+    yes, no = YES_NO.get(policy, (-8.0, -0.01))
+    word = "Yes" if yes > no else "No"
+    return Reply(word, [(word, [("Yes", yes), ("No", no)])])
+
+
+async def test_shieldgemma_asks_each_policy_and_reads_yes_no_logprobs(
+    tmp_path: Path, database_url: str, engine: object, guard_server: GuardServer
+) -> None:
+    guard_server.reply = _shieldgemma
+    gate, backend = _gate(guard_server.base_url, "shieldgemma")
+    async with services(_settings(tmp_path, database_url), safety=gate) as built:
+        answer = await _ask(built, GRAY)
+    await backend.close()
+    assert len(guard_server.requests) == 4
+    assert all(r["logprobs"] is True and r["top_logprobs"] == 5 for r in guard_server.requests)
+    assert all(r["max_tokens"] == 1 for r in guard_server.requests)
+    # P(Yes) of "dangerous": e^-0.1 / (e^-0.1 + e^-2.4) = 0.909
+    assert answer["safety"]["score"] == 0.909 and answer["safety"]["classifier"] == "shieldgemma"
+    # "dangerous" covers the embedded classifier's "crime": its reply is the one sent
+    assert answer["safety"]["category"] == "crime"
+    assert answer["content"] == POLICY.rule("crime").message
+
+
+async def test_wildguard_unsafe_blocks_with_the_embedded_category(
+    tmp_path: Path, database_url: str, engine: object, guard_server: GuardServer
+) -> None:
+    guard_server.reply = lambda body: Reply("Harmful request: yes")
+    gate, backend = _gate(guard_server.base_url, "wildguard")
+    async with services(_settings(tmp_path, database_url), safety=gate) as built:
+        answer = await _ask(built, GRAY)
+        guard_server.reply = lambda body: Reply("Harmful request: no")
+        cleared = await _ask(built, GRAY)
+    await backend.close()
+    sent = guard_server.requests[0]
+    assert sent["stop"] == ["\n"] and "logprobs" not in sent
+    assert sent["messages"][0]["content"].startswith("<s><|user|>\n[INST] You are a classifier")
+    assert answer["safety"] == {
+        "action": "blocked",
+        "category": "crime",
+        "score": UNSAFE_P,
+        "classifier": "wildguard",
+    }
+    assert cleared["content"] == f"You said: {GRAY}"
+
+
+# -- wired by the composition root from settings -----------------------------------------
+
+
+async def test_settings_wire_the_guard_into_the_gate(
+    tmp_path: Path, database_url: str, engine: object, guard_server: GuardServer
+) -> None:
+    """The real embedded classifier and policy; the guard named by `safety_guard`, served by an
+    `openai` provider and not offered to users."""
+    guard_server.reply = lambda body: Reply("unsafe\nS11")
+    settings = _settings(
+        tmp_path,
+        database_url,
+        safety_enabled=True,
+        safety_guard=SafetyGuardSettings(model=f"guard:{GUARD_MODEL}", mode="always"),
+        guard_url=guard_server.base_url,
+    )
+    metrics = Metrics()
+    async with services(settings, metrics=metrics) as built:
+        assert built.gateway.models() == ["fake:echo"]
+        answer = await _ask(built, BENIGN)
+    assert answer["safety"]["classifier"] == "llama-guard-3"
+    assert "988" in answer["content"]
+    assert _count(metrics, "unsafe") == 1
+
+
+async def test_in_gray_mode_a_benign_turn_costs_no_guard_request(
+    tmp_path: Path, database_url: str, engine: object, guard_server: GuardServer
+) -> None:
+    settings = _settings(
+        tmp_path,
+        database_url,
+        safety_enabled=True,
+        safety_guard=SafetyGuardSettings(model=f"guard:{GUARD_MODEL}"),
+        guard_url=guard_server.base_url,
+    )
+    async with services(settings) as built:
+        answer = await _ask(built, BENIGN)
+    assert answer["content"] == f"You said: {BENIGN}" and guard_server.requests == []
+
+
+def test_a_guards_words_clear_or_refuse_under_the_shipped_policy() -> None:
+    # "safe" is clearly benign (a model's refusal of it may be recovered from); "unsafe"
+    # reaches every shipped threshold
+    thresholds = [rule.refuse_at for rule in [POLICY.default, *POLICY.categories.values()]]
+    assert SAFE_P < RECOVER_BELOW
+    assert max(thresholds) <= UNSAFE_P

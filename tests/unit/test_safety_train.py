@@ -1,0 +1,38 @@
+"""Honest evaluation on the training prompts: each is judged by a fold model that never saw it."""
+
+from __future__ import annotations
+
+import pytest
+
+pytest.importorskip("sklearn")
+
+from salon.safety.datasets import training_prompts
+from salon.safety.harm import EmbeddedHarmClassifier
+from salon.safety.train import cross_validated_classifier, folds
+
+
+def test_folds_cover_every_prompt_once_and_keep_contrast_twins_together() -> None:
+    rows = training_prompts()
+    split = folds(rows)
+    tested = sorted(i for _, te in split for i in te)
+    assert tested == list(range(len(rows)))
+    fold_of = {i: k for k, (_, te) in enumerate(split) for i in te}
+    by_group: dict[str, set[int]] = {}
+    for i, row in enumerate(rows):
+        by_group.setdefault(row.group, set()).add(fold_of[i])
+    assert all(len(f) == 1 for f in by_group.values())
+
+
+def test_cross_validated_scores_differ_from_the_shipped_model_on_seen_prompts() -> None:
+    full = EmbeddedHarmClassifier.load()  # the TF-IDF head alone keeps this test fast
+    rows = training_prompts()
+    cv = cross_validated_classifier(full, rows)
+    seen = rows[:60]
+    shipped = [full.assess(r.prompt).harmful_probability for r in seen]
+    honest = [cv.assess(r.prompt).harmful_probability for r in seen]
+    # a model that saw a prompt is more confident about its label than one that did not
+    margin = sum(abs(p - 0.5) for p in shipped) - sum(abs(p - 0.5) for p in honest)
+    assert margin > 0
+    # text the training set does not hold goes to the full model
+    other = "How do I make a sourdough starter from scratch?"
+    assert cv.assess(other) == full.assess(other)
