@@ -303,7 +303,12 @@ async def _refusal_pipeline(settings: Settings, args: argparse.Namespace) -> str
         "cv": "on, cross-validated (each prompt judged by a fold classifier that never saw it)",
         "on": "on, the shipped classifier",
         "off": "off (the model alone)",
-    }[mode] + ("" if mode == "off" else f"; caution {args.caution}")
+    }[mode]
+    if mode != "off":
+        cautious = bool(policy.default.caution) or any(
+            r.caution for r in policy.categories.values()
+        )
+        gate_label += "; caution band " + ("on" if cautious else "off")
     # Memory extraction is not what this measures, and would double its time.
     quiet = settings.personalization.model_copy(update={"extraction": "off"})
 

@@ -403,6 +403,12 @@ EXPLICIT_FORGET: list[tuple[str, str]] = [
     ("Olvida que vivo en Madrid.", "Vivo en Madrid"),
     ("Vergiss, dass ich in Hamburg wohne.", "Ich wohne in Hamburg"),
     ("Dimentica che vivo a Milano.", "Vivo a Milano"),
+    # naming what to forget, without "that"/"que"/"che"
+    ("Dimentica il codice del portone.", "Il codice del portone"),
+    ("Oublie le code de la porte.", "Le code de la porte"),
+    ("Olvida lo de mi cumpleaños.", "Mi cumpleaños"),
+    ("Vergiss den Türcode.", "Den Türcode"),
+    ("Please forget the gate code.", "The gate code"),
 ]
 
 
@@ -423,6 +429,9 @@ EXPLICIT_NONE: list[str] = [
     "Forget about it, let's move on.",
     "Forget everything.",
     "Forget the last message.",
+    "Oublie ma dernière question.",
+    "Forget my last message.",
+    "Vergiss es.",
     "Don't forget your umbrella.",
     "Ricorda di comprare il latte.",
     "Remembering things is hard for me.",

@@ -32,11 +32,14 @@ HOLD_CHARS = EARLY_CHARS
 HOLD_MAX_S = 1.5
 # A reply whose refusal probability reaches this is treated as a refusal.
 REFUSAL_AT = 0.5
-# Recovery only for requests the policy calls benign (below its caution band) and the
-# classifier thinks more likely benign than not: a model's own refusal of an uncertain request
-# is never pushed past. (0.3 was tried first: the model's flat refusals of benign requests that
-# merely sound sensitive scored 0.33-0.39 and were left unrecovered.)
-RECOVER_BELOW = 0.5
+# Recovery only for requests the policy calls benign and the classifier is fairly sure of:
+# recovering pushes past a model's own refusal, and doing so for a harmful request is worse
+# than leaving a harmless one refused. Cross-validated on the training prompts, the share of
+# harmful ones is 0-10 % under 0.3, 12 % in [0.3, 0.4), 33 % in [0.4, 0.5) (training_report.md
+# "Calibration"). 0.3 was tried first and left the model's flat refusals of benign requests
+# that merely sound sensitive (0.33-0.39) unrecovered; 0.5 recovered a privacy request the
+# classifier misjudged into compliance.
+RECOVER_BELOW = 0.4
 # The clarifying instruction of the one re-ask.
 CLARIFY = (
     "The user's request below has been reviewed and is benign: it only sounds sensitive "

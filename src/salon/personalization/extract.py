@@ -1176,19 +1176,34 @@ def _strip_polite(message: str) -> str:
     return _POLITE.sub("", text, count=1).strip()
 
 
-def _leading(triggers: Sequence[_CompiledTrigger], text: str) -> tuple[str, str] | None:
-    """(language, content) when the text opens with one of the triggers."""
+# "Forget the last message" / "oublie ma question" is about this chat, not a memory.
+_ABOUT_THE_CHAT = re.compile(
+    r"\b(?:message|question|answer|reply|response|conversation|chat|prompt|"
+    r"réponse|conversation|pregunta|respuesta|mensaje|conversación|nachricht|frage|antwort|"
+    r"gespräch|messaggio|domanda|risposta|conversazione)s?\b",
+    re.IGNORECASE,
+)
+
+
+def _leading(
+    triggers: Sequence[_CompiledTrigger], text: str, *, names: bool = False
+) -> tuple[str, str] | None:
+    """(language, content) when the text opens with one of the triggers. With `names`, the
+    content may also just name something ("forget the gate code", "oublie le code")."""
     for trigger in triggers:
         match = trigger.pattern.match(text)
         if match is None:
             continue
         content = text[match.end() :].strip()
         # Without "that"/"que"/":" the content must read as a clause about the user:
-        # "remember I'm vegan" yes, "remember the milk" no.
+        # "remember I'm vegan" yes, "remember the milk" no. A forget request may name what
+        # to forget, but with at least two words: "vergiss es" / "forget Max" say too little
+        # to pick a memory to delete.
         if (
             match.group("c")
             or trigger in _FROM_NOW_ON_RE
             or _starts_clause(content, trigger.language)
+            or (names and len(content.split()) >= 2)
         ):
             return trigger.language, content
         return None
@@ -1231,10 +1246,15 @@ def explicit_request(message: str) -> list[Candidate] | ForgetRequest | None:
         return None
     text = text.rstrip("?!. ").strip()
 
-    forget = _leading(_FORGET_RE, text)
+    forget = _leading(_FORGET_RE, text, names=True)
     if forget is not None:
         query = _forget_query(_content(forget[1]), forget[0])
-        if not query or _NOT_A_MEMORY.match(query) or len(query) > MAX_TEXT:
+        if (
+            not query
+            or _NOT_A_MEMORY.match(query)
+            or _ABOUT_THE_CHAT.search(query)
+            or len(query) > MAX_TEXT
+        ):
             return None
         return ForgetRequest(query=query)
 

@@ -20,6 +20,7 @@ import sys
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from itertools import pairwise
 from typing import Any
 
 import numpy as np
@@ -383,6 +384,16 @@ def operating_points(rows: Sequence[PromptRow], heads: dict[str, Sequence[float]
     return "\n".join(lines)
 
 
+def calibration(rows: Sequence[PromptRow], probs: Sequence[float]) -> str:
+    lines = ["| score band | prompts | harmful (95 % Wilson) |", "|---|---|---|"]
+    edges = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.75, 1.01)
+    for lo, hi in pairwise(edges):
+        band = [r for r, p in zip(rows, probs, strict=True) if lo <= p < hi]
+        rate = wilson(sum(r.unsafe for r in band), len(band))
+        lines.append(f"| [{lo:.2f}, {min(hi, 1.0):.2f}) | {len(band)} | {rate} |")
+    return "\n".join(lines)
+
+
 def report(
     rows: Sequence[PromptRow],
     replies: Sequence[Reply],
@@ -406,6 +417,9 @@ def report(
         "Operating points (harmful prompts scored at or under the threshold that refuses the "
         "given share of safe prompts):",
         operating_points(rows, heads),
+        "Calibration (what recovery relies on: how many of the prompts scored in a band are "
+        "harmful):",
+        calibration(rows, probs),
         f"Category head: CV accuracy {acc:.3f} on {n_cat} harmful prompts with a mapped category.",
         f"## Refusal detector ({FOLDS}-fold CV grouped by reply)",
         refusal_report(replies),
