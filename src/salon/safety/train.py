@@ -47,9 +47,9 @@ HARM_CONFIG = FeatureConfig(word_ngrams=2, char_min=3, char_max=5, max_chars=200
 HARM_C = 8.0
 # Refusal detector: word 1-grams + phrase-list features, strongly regularised. The labels are
 # noisy (PyRIT counts off-topic answers as refusals), and a false refusal costs a needless
-# re-ask and inflates measured over-refusal, so precision comes first. CV on the shipped
-# replies, whole / first 200 chars: C=0.25 F1 0.686 / 0.705 at precision 0.93 / 0.94; C=4 with
-# 1-2-grams (the earlier choice) F1 0.653 / 0.653 at precision 0.72.
+# re-ask and inflates measured over-refusal, so precision comes first. CV on the 260 replies
+# shipped when it was chosen, whole / first 200 chars: C=0.25 F1 0.686 / 0.705 at precision
+# 0.93 / 0.94; C=4 with 1-2-grams (the earlier choice) F1 0.653 / 0.653 at precision 0.72.
 REFUSAL_CONFIG = FeatureConfig(word_ngrams=1, char_min=0, char_max=0, max_chars=1500)
 REFUSAL_C = 0.25
 # Embedding head: C chosen by CV among 0.5-32 (training_report.md, --compare); the two heads
