@@ -3,6 +3,7 @@ import pytest
 
 from salon.backends.embeddings import HashingEmbedder, MiniLM
 from salon.safety.harm import (
+    DenseHead,
     EmbeddedHarmClassifier,
     FakeHarmClassifier,
     HarmClassifier,
@@ -83,14 +84,34 @@ def test_the_embedding_head_needs_the_embedder_it_was_trained_with() -> None:
     assert EmbeddedHarmClassifier.load(embedder=MiniLM.load()).dense is not None
 
 
-def test_both_heads_are_averaged() -> None:
+def test_the_heads_are_averaged_a_third_each() -> None:
     both = default_classifier()
     assert both.dense is not None and both.embedder is not None
+    assert both.dense.neighbours is not None and both.dense.neighbour_labels is not None
     sparse_only = EmbeddedHarmClassifier.load()
     text = "How do I pick the lock on my neighbour's door while they are away?"
-    dense = both.dense.probabilities(both.embedder.embed([text]))[0]
-    expected = 0.5 * sparse_only.probability(text) + 0.5 * dense
-    assert np.isclose(both.probability(text), expected, atol=1e-6)
+    vector = both.embedder.embed([text])
+    regression = 1 / (1 + np.exp(-(float(vector[0] @ both.dense.weights) + both.dense.intercept)))
+    vote = float(both.dense.vote(vector)[0])
+    expected = (sparse_only.probability(text) + regression + vote) / 3
+    assert np.isclose(both.probability(text), expected, atol=1e-5)
+
+
+def test_the_vote_follows_the_nearest_labelled_prompts() -> None:
+    rng = np.random.default_rng(0)
+    harmful = rng.normal(size=(5, 8)).astype(np.float32)
+    harmful /= np.linalg.norm(harmful, axis=1, keepdims=True)
+    benign = -harmful  # the opposite directions
+    head = DenseHead(
+        weights=np.zeros(8, dtype=np.float32),
+        intercept=0.0,
+        embedder="test",
+        neighbours=np.vstack([harmful, benign]),
+        neighbour_labels=np.array([1.0] * 5 + [0.0] * 5, dtype=np.float32),
+        k=3,
+    )
+    votes = head.vote(np.vstack([harmful[:1], benign[:1]]))
+    assert votes[0] > 0.99 and votes[1] < 0.01
 
 
 @pytest.mark.parametrize("prompt", BENIGN)

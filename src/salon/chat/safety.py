@@ -35,10 +35,10 @@ REFUSAL_AT = 0.5
 # Recovery only for requests the policy calls benign and the classifier is fairly sure of:
 # recovering pushes past a model's own refusal, and doing so for a harmful request is worse
 # than leaving a harmless one refused. Cross-validated on the training prompts, the share of
-# harmful ones is 0-10 % under 0.3, 12 % in [0.3, 0.4), 33 % in [0.4, 0.5) (training_report.md
-# "Calibration"). 0.3 was tried first and left the model's flat refusals of benign requests
-# that merely sound sensitive (0.33-0.39) unrecovered; 0.5 recovered a privacy request the
-# classifier misjudged into compliance.
+# harmful ones is 1-9 % under 0.3, 10 % in [0.3, 0.4), 16 % in [0.4, 0.5) and 40 % in
+# [0.5, 0.6) (training_report.md, "Calibration"). 0.3 was tried first and left the model's
+# flat refusals of benign requests that merely sound sensitive (0.33-0.39) unrecovered; 0.5
+# recovered a privacy request the classifier misjudged into compliance.
 RECOVER_BELOW = 0.4
 # The clarifying instruction of the one re-ask.
 CLARIFY = (

@@ -1,12 +1,13 @@
 """Request assessment: how likely is a user turn to ask for real harm, and of what kind.
 
-The embedded classifier averages two logistic regressions trained by
-``python -m salon.safety.train``: one over TF-IDF features (word 1-2-grams + in-word char
-3-5-grams; ~0.1-1 ms, standard library only), which knows the words of harm, and one over the
-all-MiniLM-L6-v2 sentence embedding (~5-10 ms a turn), which knows what a request *means* and so
-carries over to phrasings the training set lacks. Cross-validated, the average cuts the share
-of harmful prompts it misses at 3 % over-refusal from 47 % to 38 % (training_report.md). Without
-the embedding model installed it falls back to the TF-IDF head alone. Guard models served by a
+The embedded classifier averages three heads trained by ``python -m salon.safety.train``:
+a logistic regression over TF-IDF features (word 1-2-grams + in-word char 3-5-grams; ~1 ms,
+standard library only), which knows the words of harm; a logistic regression over the
+all-MiniLM-L6-v2 sentence embedding, which knows what a request *means* and so carries over to
+phrasings the training set lacks; and a vote of the ten training prompts nearest in that
+embedding. Cross-validated, the three together miss 35 % of harmful prompts at 3 % over-refusal,
+against 47 % for TF-IDF alone (training_report.md). The embedding costs ~10-25 ms a turn.
+Without the embedding model installed the TF-IDF head works alone. Guard models served by a
 backend can implement the same protocol.
 """
 
@@ -29,6 +30,8 @@ from salon.safety.datasets import DATA
 
 HARM_ARTEFACT = DATA / "harm_model.json.gz"
 DENSE_ARTEFACT = DATA / "harm_dense.json"
+# the training prompts' embeddings (float16) for the neighbour vote
+NEIGHBOURS_ARTEFACT = DATA / "harm_neighbours.npy"
 _CONTEXT_TURNS = 2
 _FOLLOW_UP_WORDS = 12
 # No policy may refuse below 0.5 (see policy.MIN_REFUSE_AT), so below it the category is not
@@ -51,38 +54,76 @@ class HarmClassifier(Protocol):
     def assess(self, turn: str, context: Sequence[str] = ()) -> Assessment: ...
 
 
+F32 = npt.NDArray[np.float32]
+# The neighbour vote: the k most similar training prompts, weighted by exp(cosine / T).
+NEIGHBOURS_K = 10
+NEIGHBOURS_T = 0.1
+
+
 @dataclass(frozen=True, slots=True)
 class DenseHead:
-    """Logistic regression over a sentence embedding, named by the embedder it was trained on
-    (vectors from another embedder would be meaningless to it)."""
+    """What reads the sentence embedding: a logistic regression, and optionally a vote of the
+    most similar training prompts (their vectors and labels), averaged. Named by the embedder
+    it was trained on (vectors from another embedder would be meaningless to it)."""
 
-    weights: npt.NDArray[np.float32]
+    weights: F32
     intercept: float
     embedder: str
-    # the share of the TF-IDF head in the averaged probability
+    # the share of the TF-IDF head in the classifier's averaged probability
     sparse_weight: float = 0.5
+    neighbours: F32 | None = None  # (n, dim), unit rows
+    neighbour_labels: F32 | None = None  # (n,), 1.0 = harmful
+    k: int = NEIGHBOURS_K
+    temperature: float = NEIGHBOURS_T
 
-    def probabilities(self, vectors: npt.NDArray[np.float32]) -> list[float]:
+    def probabilities(self, vectors: F32) -> list[float]:
         z = np.clip(vectors @ self.weights + self.intercept, -60.0, 60.0)
-        return [float(v) for v in 1.0 / (1.0 + np.exp(-z))]
+        p = 1.0 / (1.0 + np.exp(-z))
+        if self.neighbours is not None and self.neighbour_labels is not None:
+            p = (p + self.vote(vectors)) / 2.0
+        return [float(v) for v in p]
+
+    def vote(self, vectors: F32) -> F32:
+        """The similarity-weighted share of harmful prompts among the k nearest."""
+        assert self.neighbours is not None and self.neighbour_labels is not None
+        sims = vectors @ self.neighbours.T  # (b, n) cosines: both sides are unit vectors
+        k = min(self.k, sims.shape[1])
+        top = np.argpartition(-sims, k - 1, axis=1)[:, :k]
+        near = np.take_along_axis(sims, top, axis=1)
+        w = np.exp((near - near.max(axis=1, keepdims=True)) / self.temperature)
+        votes: F32 = (w * self.neighbour_labels[top]).sum(axis=1) / w.sum(axis=1)
+        return votes
 
     def to_json(self) -> dict[str, object]:
-        return {
+        data: dict[str, object] = {
             "embedder": self.embedder,
-            "sparse_weight": self.sparse_weight,
+            "sparse_weight": float(f"{self.sparse_weight:.6g}"),
             "intercept": float(f"{self.intercept:.6g}"),
             "weights": [float(f"{w:.6g}") for w in self.weights],
         }
+        if self.neighbour_labels is not None:
+            data |= {
+                "k": self.k,
+                "temperature": self.temperature,
+                "neighbour_labels": [int(v) for v in self.neighbour_labels],
+            }
+        return data
 
     @classmethod
-    def from_json(cls, data: Mapping[str, object]) -> DenseHead:
+    def from_json(cls, data: Mapping[str, object], neighbours: F32 | None = None) -> DenseHead:
         weights = data["weights"]
         assert isinstance(weights, list)
+        labels = data.get("neighbour_labels")
+        use = neighbours is not None and isinstance(labels, list) and len(labels) == len(neighbours)
         return cls(
             weights=np.asarray(weights, dtype=np.float32),
             intercept=float(str(data["intercept"])),
             embedder=str(data["embedder"]),
             sparse_weight=float(str(data.get("sparse_weight", 0.5))),
+            neighbours=neighbours if use else None,
+            neighbour_labels=np.asarray(labels, dtype=np.float32) if use else None,
+            k=int(str(data.get("k", NEIGHBOURS_K))),
+            temperature=float(str(data.get("temperature", NEIGHBOURS_T))),
         )
 
 
@@ -106,7 +147,10 @@ class EmbeddedHarmClassifier:
         models, _ = load_models(path)
         dense = None
         if embedder is not None and dense_path.exists():
-            head = DenseHead.from_json(json.loads(dense_path.read_text(encoding="utf-8")))
+            vectors_path = dense_path.with_name(NEIGHBOURS_ARTEFACT.name)
+            vectors = np.load(vectors_path).astype(np.float32) if vectors_path.exists() else None
+            data = json.loads(dense_path.read_text(encoding="utf-8"))
+            head = DenseHead.from_json(data, vectors)
             dense = head if head.embedder == getattr(embedder, "name", "") else None
         return cls(
             harm=models["harm"],

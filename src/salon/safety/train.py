@@ -34,6 +34,7 @@ from salon.safety.datasets import DATA, PromptRow, training_prompts
 from salon.safety.harm import (
     DENSE_ARTEFACT,
     HARM_ARTEFACT,
+    NEIGHBOURS_ARTEFACT,
     Assessment,
     DenseHead,
     EmbeddedHarmClassifier,
@@ -52,10 +53,12 @@ HARM_C = 8.0
 # 0.93 / 0.94; C=4 with 1-2-grams (the earlier choice) F1 0.653 / 0.653 at precision 0.72.
 REFUSAL_CONFIG = FeatureConfig(word_ngrams=1, char_min=0, char_max=0, max_chars=1500)
 REFUSAL_C = 0.25
-# Embedding head: C chosen by CV among 0.5-32 (training_report.md, --compare); the two heads
-# weigh equally in the average, which beat 0.3/0.7 at every over-refusal level we looked at.
+# Embedding heads: the logistic regression's C chosen by CV among 0.5-32 (--compare). Three
+# heads weigh equally — TF-IDF, the regression and the neighbour vote (the last two averaged
+# inside DenseHead, so TF-IDF has a third): adding the vote (k = 10, T = 0.1) cut the harmful
+# prompts missed at 3 % over-refusal from 38 % to 34 % and at 10 % from 16 % to 12 % (CV).
 DENSE_C = 2.0
-SPARSE_WEIGHT = 0.5
+SPARSE_WEIGHT = 1 / 3
 MIN_DF = 2
 REFUSAL_FILES = (
     "refusal.csv",
@@ -202,7 +205,11 @@ def embed_prompts(rows: Sequence[PromptRow], embedder: Embedder) -> F32:
     return embedder.embed([r.prompt for r in rows])
 
 
-def fit_dense(x: F32, labels: Sequence[str], embedder: str, c: float = DENSE_C) -> DenseHead:
+def fit_dense(
+    x: F32, labels: Sequence[str], embedder: str, c: float = DENSE_C, *, neighbours: bool = True
+) -> DenseHead:
+    """The embedding heads: a logistic regression and (with `neighbours`) the vote of the
+    nearest training prompts, whose vectors are kept at float16 as they are shipped."""
     y = np.array([label == "unsafe" for label in labels], dtype=int)
     lr = LogisticRegression(C=c, class_weight="balanced", max_iter=5000, solver="lbfgs")
     lr.fit(x, y)
@@ -210,7 +217,9 @@ def fit_dense(x: F32, labels: Sequence[str], embedder: str, c: float = DENSE_C) 
         weights=np.asarray(lr.coef_[0], dtype=np.float32),
         intercept=float(lr.intercept_[0]),
         embedder=embedder,
-        sparse_weight=SPARSE_WEIGHT,
+        sparse_weight=SPARSE_WEIGHT if neighbours else 0.5,
+        neighbours=x.astype(np.float16).astype(np.float32) if neighbours else None,
+        neighbour_labels=y.astype(np.float32) if neighbours else None,
     )
 
 
@@ -222,10 +231,18 @@ def folds(rows: Sequence[PromptRow]) -> list[tuple[list[int], list[int]]]:
     return [(list(tr), list(te)) for tr, te in split]
 
 
-def dense_cv(rows: Sequence[PromptRow], x: F32, embedder: str, c: float = DENSE_C) -> list[float]:
+def dense_cv(
+    rows: Sequence[PromptRow],
+    x: F32,
+    embedder: str,
+    c: float = DENSE_C,
+    *,
+    neighbours: bool = True,
+) -> list[float]:
     out = [0.0] * len(rows)
     for tr, te in folds(rows):
-        head = fit_dense(x[tr], [rows[i].label for i in tr], embedder, c)
+        labels = [rows[i].label for i in tr]
+        head = fit_dense(x[tr], labels, embedder, c, neighbours=neighbours)
         for i, p in zip(te, head.probabilities(x[te]), strict=True):
             out[i] = p
     return out
@@ -260,7 +277,9 @@ def cross_validated_classifier(
         heads = train_harm([rows[i] for i in tr])
         dense = None
         if x is not None and full.dense is not None:
-            dense = fit_dense(x[tr], [rows[i].label for i in tr], full.dense.embedder)
+            labels = [rows[i].label for i in tr]
+            vote = full.dense.neighbours is not None
+            dense = fit_dense(x[tr], labels, full.dense.embedder, neighbours=vote)
         fold = EmbeddedHarmClassifier(
             harm=heads["harm"],
             category=heads["category"],
@@ -406,13 +425,25 @@ def report(
     probs: Sequence[float] = sparse
     if x is not None:
         dense = dense_cv(rows, x, embedder)
+        regression = dense_cv(rows, x, embedder, neighbours=False)
         probs = averaged(sparse, dense)
-        heads |= {f"{embedder} head alone": dense, "shipped: average of both": probs}
+        heads |= {
+            f"{embedder} regression alone": regression,
+            "TF-IDF + regression, averaged (the previous shipped classifier)": [
+                (s_ + r_) / 2 for s_, r_ in zip(sparse, regression, strict=True)
+            ],
+            f"{embedder} regression + neighbour vote": dense,
+            "shipped: TF-IDF, regression and vote, a third each": probs,
+        }
     acc, n_cat = category_cv(rows)
     parts = [
         f"## Harm classifier ({FOLDS}-fold stratified CV grouped by contrast pair, seed {SEED})",
         "The shipped classifier"
-        + (f" (average of the TF-IDF and {embedder} heads)" if x is not None else ""),
+        + (
+            f" (TF-IDF head, {embedder} regression and nearest-prompt vote, a third each)"
+            if x is not None
+            else ""
+        ),
         *(harm_table(rows, probs, t) for t in (0.5, 0.8)),
         "Operating points (harmful prompts scored at or under the threshold that refuses the "
         "given share of safe prompts):",
@@ -433,7 +464,11 @@ def report(
 
 def compare_dense(rows: Sequence[PromptRow], x: F32, embedder: str) -> str:
     return operating_points(
-        rows, {f"{embedder}, C={c:g}": dense_cv(rows, x, embedder, c) for c in (0.5, 2.0, 8.0)}
+        rows,
+        {
+            f"{embedder} regression, C={c:g}": dense_cv(rows, x, embedder, c, neighbours=False)
+            for c in (0.5, 2.0, 8.0)
+        },
     )
 
 
@@ -453,6 +488,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         save_models(HARM_ARTEFACT, train_harm(rows), meta | {"C": HARM_C})
         head = fit_dense(x, [r.label for r in rows], embedder.name)
         DENSE_ARTEFACT.write_text(json.dumps(head.to_json()) + "\n", encoding="utf-8")
+        np.save(NEIGHBOURS_ARTEFACT, x.astype(np.float16))
         save_models(
             REFUSAL_ARTEFACT, train_refusal(replies), meta | {"rows": len(replies), "C": REFUSAL_C}
         )
