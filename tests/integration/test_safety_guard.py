@@ -24,7 +24,7 @@ from salon.backends.mock_upstream import running_upstream
 from salon.backends.openai_http import OpenAIHttpBackend
 from salon.chat.jobs import Delta
 from salon.chat.safety import RECOVER_BELOW, SafetyGate
-from salon.domain import ChatMessage
+from salon.domain import ChatMessage, SamplingParams, TextDelta
 from salon.observability.metrics import Metrics
 from salon.safety.guard import (
     SAFE_P,
@@ -385,3 +385,19 @@ def test_a_guards_words_clear_or_refuse_under_the_shipped_policy() -> None:
     thresholds = [rule.refuse_at for rule in [POLICY.default, *POLICY.categories.values()]]
     assert SAFE_P < RECOVER_BELOW
     assert max(thresholds) <= UNSAFE_P
+
+
+async def test_the_v1_gateway_asks_the_guard_too(
+    tmp_path: Path, database_url: str, engine: object, guard_server: GuardServer
+) -> None:
+    guard_server.reply = lambda body: Reply("unsafe\nS11")
+    gate, backend = _gate(guard_server.base_url)
+    async with services(_settings(tmp_path, database_url), safety=gate) as built:
+        events = built.gateway.stream("fake:echo", [ChatMessage("user", GRAY)], SamplingParams())
+        text = "".join([e.text async for e in events if isinstance(e, TextDelta)])
+        relayed = built.gateway.stream("fake:echo", [ChatMessage("user", BENIGN)], SamplingParams())
+        echoed = "".join([e.text async for e in relayed if isinstance(e, TextDelta)])
+    await backend.close()
+    assert text == POLICY.rule("self_harm").message
+    assert len(guard_server.requests) == 1  # the benign turn was not worth asking
+    assert BENIGN in echoed

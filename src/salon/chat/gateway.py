@@ -56,14 +56,35 @@ class Gateway:
         if not messages:
             raise InvalidRequest("messages must not be empty", param="messages")
         route = self._registry.resolve(model_id)
-        if self._safety is not None:
-            verdict = self._safety.check_messages(messages)
-            if verdict is not None and verdict.blocked:
-                return _answer(verdict.decision.message or "I can't help with that.")
         request = CompletionRequest(route.name, tuple(messages), params, session_key)
+        if self._safety is not None:
+            return self._gated(self._safety, route, request, caller)
+        return self._relayed(route, request, caller)
+
+    def _relayed(
+        self, route: ModelRoute, request: CompletionRequest, caller: Caller | None
+    ) -> AsyncGenerator[StreamEvent, None]:
         if self._admission is None or caller is None:
             return route.backend.stream(request)
         return self._admitted(self._admission, caller, route, request)
+
+    async def _gated(
+        self,
+        safety: SafetyGate,
+        route: ModelRoute,
+        request: CompletionRequest,
+        caller: Caller | None,
+    ) -> AsyncGenerator[StreamEvent, None]:
+        """The gate first — in a worker thread, with the guard model if one is configured —
+        on the first `anext`, like admission: a refused request never reaches the backend."""
+        verdict = await safety.acheck_messages(request.messages)
+        if verdict is not None and verdict.blocked:
+            events = _answer(verdict.decision.message or "I can't help with that.")
+        else:
+            events = self._relayed(route, request, caller)
+        async with aclosing(events) as relayed:
+            async for event in relayed:
+                yield event
 
     async def _admitted(
         self, admission: Admission, caller: Caller, route: ModelRoute, request: CompletionRequest
