@@ -305,10 +305,7 @@ async def _refusal_pipeline(settings: Settings, args: argparse.Namespace) -> str
         "off": "off (the model alone)",
     }[mode]
     if mode != "off":
-        cautious = bool(policy.default.caution) or any(
-            r.caution for r in policy.categories.values()
-        )
-        gate_label += "; caution band " + ("on" if cautious else "off")
+        gate_label += "; caution band " + ("on" if policy.cautious else "off")
     # Memory extraction is not what this measures, and would double its time.
     quiet = settings.personalization.model_copy(update={"extraction": "off"})
 

@@ -48,6 +48,7 @@ def test_categories_inherit_or_override_the_caution() -> None:
 def test_without_a_caution_text_there_is_no_band() -> None:
     plain = Policy.from_mapping({"refuse_at": 0.8, "caution_at": 0.5, "message": "no"})
     assert plain.decide(Assessment(0.7, None)).action is Action.ALLOW
+    assert not plain.cautious and POLICY.cautious and not POLICY.without_caution().cautious
 
 
 def test_category_threshold_and_alternative() -> None:

@@ -74,6 +74,11 @@ class Policy:
     default: CategoryRule
     categories: Mapping[str, CategoryRule] = field(default_factory=dict)
 
+    @property
+    def cautious(self) -> bool:
+        """Whether any rule has a caution band (an instruction for uncertain requests)."""
+        return any(rule.caution for rule in (self.default, *self.categories.values()))
+
     def without_caution(self) -> Policy:
         """The same policy with the uncertain band off (what evaluations compare against)."""
         return Policy(
