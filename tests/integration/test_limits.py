@@ -16,11 +16,11 @@ from typing import Any
 
 import httpx
 import pytest
-import uvicorn
 
 from salon.app import create_app
 from salon.settings import LimitsSettings, ModelLimits, ProviderSettings, Settings
 from salon.store.counters import RedisCounters
+from tests.integration.conftest_server import serving_app
 
 REDIS_URL = os.environ.get("SALON_TEST_REDIS", "redis://127.0.0.1:6379/0")
 
@@ -47,19 +47,8 @@ def settings(tmp_path: Path, limits: LimitsSettings, **extra: Any) -> Settings:
     )
 
 
-@contextlib.asynccontextmanager
-async def serving(config: Settings) -> AsyncIterator[str]:
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(create_app(config), log_level="warning"))
-    task = asyncio.create_task(server.serve(sockets=[sock]))
-    while not server.started:
-        await asyncio.sleep(0.01)
-    try:
-        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
-    finally:
-        server.should_exit = True
-        await asyncio.wait_for(task, 10)
+def serving(config: Settings) -> contextlib.AbstractAsyncContextManager[str]:
+    return serving_app(create_app(config))
 
 
 class User:

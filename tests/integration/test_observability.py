@@ -3,36 +3,22 @@ the metrics token."""
 
 from __future__ import annotations
 
-import asyncio
 import re
-import socket
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 
 import httpx
 import pytest
-import uvicorn
 
 from salon.app import create_app
 from salon.settings import PersonalizationSettings, ProviderSettings, Settings
+from tests.integration.conftest_server import serving_app
 
 from .test_chat_api import sign_up
 
 
-@asynccontextmanager
-async def running(settings: Settings) -> AsyncIterator[str]:
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(create_app(settings), log_level="warning"))
-    task = asyncio.create_task(server.serve(sockets=[sock]))
-    while not server.started:
-        await asyncio.sleep(0.01)
-    try:
-        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
-    finally:
-        server.should_exit = True
-        await asyncio.wait_for(task, 10)
+def running(settings: Settings) -> AbstractAsyncContextManager[str]:
+    return serving_app(create_app(settings))
 
 
 def settings_for(database_url: str, tmp_path: Path, **extra: object) -> Settings:

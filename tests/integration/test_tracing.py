@@ -25,7 +25,6 @@ from typing import Any
 
 import httpx
 import pytest
-import uvicorn
 from aiohttp import web
 
 pytest.importorskip("opentelemetry.sdk", reason="tracing tests need salon[otel]")
@@ -42,6 +41,7 @@ from opentelemetry.trace import SpanKind, StatusCode
 from salon.app import create_app
 from salon.observability.tracing import Tracing
 from salon.settings import ProviderSettings, RouteSettings, Settings, TracingSettings
+from tests.integration.conftest_server import serving_app as serving
 
 REPO = Path(__file__).resolve().parents[2]
 # A caller's trace: salon's server span must join it.
@@ -62,21 +62,6 @@ def settings(tmp_path: Path, **extra: Any) -> Settings:
         "flush_interval_s": 0.05,
     }
     return Settings(**(values | extra))
-
-
-@contextlib.asynccontextmanager
-async def serving(app: Any) -> AsyncIterator[str]:
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
-    task = asyncio.create_task(server.serve(sockets=[sock]))
-    while not server.started:
-        await asyncio.sleep(0.01)
-    try:
-        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
-    finally:
-        server.should_exit = True
-        await asyncio.wait_for(task, 20)
 
 
 @contextlib.asynccontextmanager

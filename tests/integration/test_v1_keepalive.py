@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import socket
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -16,12 +15,12 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
-import uvicorn
 
 from salon.api import openai as openai_api
 from salon.app import create_app
 from salon.backends.mock_upstream import WORDS, RunningUpstream, running_upstream
 from salon.settings import LimitsSettings, ModelLimits, ProviderSettings, Settings
+from tests.integration.conftest_server import serving_app
 
 KEEP_ALIVE_S = 0.15
 CHUNKS = 4
@@ -31,19 +30,8 @@ ANSWER = "".join(WORDS[:CHUNKS])
 HI = [{"role": "user", "content": "Say hi"}]
 
 
-@contextlib.asynccontextmanager
-async def serving(config: Settings) -> AsyncIterator[str]:
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(create_app(config), log_level="warning"))
-    task = asyncio.create_task(server.serve(sockets=[sock]))
-    while not server.started:
-        await asyncio.sleep(0.01)
-    try:
-        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
-    finally:
-        server.should_exit = True
-        await asyncio.wait_for(task, 10)
+def serving(config: Settings) -> contextlib.AbstractAsyncContextManager[str]:
+    return serving_app(create_app(config))
 
 
 @pytest.fixture
