@@ -10,6 +10,21 @@ from playwright.sync_api import expect
 
 pytestmark = [pytest.mark.e2e, pytest.mark.embedded]
 
+_WATCH_STREAMING = """() => {
+  window.__salonSeen = { streaming: false, partial: false };
+  const streaming = '[data-role="assistant"][data-status="streaming"]';
+  const check = () => {
+    for (const el of document.querySelectorAll(streaming)) {
+      window.__salonSeen.streaming = true;
+      const content = el.querySelector('[data-testid="message-content"]');
+      if (content && content.textContent.trim()) window.__salonSeen.partial = true;
+    }
+  };
+  new MutationObserver(check).observe(document.body, {
+    subtree: true, childList: true, attributes: true, characterData: true,
+  });
+}"""
+
 
 def test_embedded_model_streams_an_answer(
     browser: Any, embedded_server: Any, sign_up: Any, chat_ui: Any
@@ -22,22 +37,15 @@ def test_embedded_model_streams_an_answer(
         # One model only: no picker.
         expect(page.get_by_test_id("model-picker")).to_be_hidden()
         ui = chat_ui(page)
+        # A MutationObserver sees every state the DOM passes through; polling from the test
+        # missed a whole answer that streamed in under a second on a fast machine.
+        page.evaluate(_WATCH_STREAMING)
         started = time.perf_counter()
         ui.send("Say hello in one short sentence.")
         answer = ui.last()
-        seen_streaming = False
-        seen_partial = False
-        deadline = time.monotonic() + 180
-        while time.monotonic() < deadline:
-            status = answer.get_attribute("data-status")
-            if status == "streaming":
-                seen_streaming = True
-                if answer.get_by_test_id("message-content").text_content().strip():
-                    seen_partial = True
-            elif status != "streaming" and status is not None:
-                break
-            page.wait_for_timeout(20)
-        ui.wait_status(answer, "complete", timeout=5_000)
+        ui.wait_status(answer, "complete", timeout=180_000)
+        seen = page.evaluate("() => window.__salonSeen")
+        seen_streaming, seen_partial = seen["streaming"], seen["partial"]
         text = ui.content(answer)
         print(f"\nembedded answer in {time.perf_counter() - started:.2f} s: {text[:200]!r}")
         assert text
