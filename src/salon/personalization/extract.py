@@ -347,7 +347,24 @@ _RULES: tuple[_Rule, ...] = (
         "job",
         r"by\s+(?:profession|trade)\b",
     ),
-    _R("en", "fact", r"I\s+work\s+(?:at|for)\s+", "proper", "I work at {v}", "employer"),
+    _R(
+        "en",
+        "fact",
+        r"I\s+(?:now\s+|currently\s+)?work\s+(?:at|for)\s+",
+        "proper",
+        "I work at {v}",
+        "employer",
+    ),
+    # A job change said as news: "I'm now at Figma", "I've started at Stripe as a designer".
+    _R(
+        "en",
+        "fact",
+        r"(?:" + _I_AM + r"\s+now\s+at|I(?:'ve|\s+have)?\s+(?:just\s+)?started\s+"
+        r"(?:a\s+new\s+job\s+)?at)\s+",
+        "proper",
+        "I work at {v}",
+        "employer",
+    ),
     _R(
         "en",
         "fact",
@@ -641,6 +658,18 @@ _RULES: tuple[_Rule, ...] = (
     ),
     _R("de", "fact", r"(?:ich\s+)?arbeite\s+als\s+", "job", "Ich arbeite als {v}", "job"),
     _R("de", "fact", r"ich\s+bin\s+von\s+beruf\s+", "job", "Ich arbeite als {v}", "job"),
+    # "seit Mai bin ich Projektleiter bei einem Solarunternehmen": a job named with where it
+    # is done (the word order inverted after a fronted time); not a membership or a visit.
+    _R(
+        "de",
+        "fact",
+        r"(?:ich\s+bin|bin\s+ich)\s+(?:jetzt\s+|nun\s+|inzwischen\s+)?"
+        r"(?!Mitglied|Kunde|Kundin|Gast|Patient|Patientin)(?=[A-ZÄÖÜ])",
+        "job",
+        "Ich arbeite als {v}",
+        "job",
+        r"(?:bei|für)\s",
+    ),
     _R("de", "fact", r"ich\s+bin\s+", "job", "Ich arbeite als {v}", "job", r"von\s+beruf\b"),
     _R(
         "de",

@@ -34,7 +34,9 @@ language whose function words the text uses most): Snowball for fr/es/de/it/pt/n
 (plural -s/-es/-ies, -ing, -ed, final -e, doubled final consonant), crude but symmetric, so
 "moved"/"moving"/"move" all meet at "mov". Stems are cached (an LRU of 65,536 words), so a
 text costs ~10-20 µs once its words have been seen. Scripts without spaces (CJK) become one
-token per run; the embedding carries those.
+token per run; the embedding carries those. A text also gets a term per concept of a
+person's life that its words name (`concepts`: "Beruf", "arbeite", "trabajo" -> "@occupation"),
+so that a question meets the fact it asks about across wording and language.
 
 Thread safety: one lock around every public method; searches of different users' indexes do
 not contend.
@@ -56,6 +58,7 @@ from typing import Any, Literal
 import numpy as np
 import numpy.typing as npt
 
+from salon.personalization.concepts import concept_terms
 from salon.personalization.timeparse import find_time_cue, strip_time_phrase
 
 F32 = npt.NDArray[np.float32]
@@ -227,9 +230,15 @@ def analyse(text: str, default: str = "en") -> tuple[str | None, list[str]]:
     words = _WORD.findall(text.lower())
     guessed = guess_language(words)
     lang = guessed or default
-    if lang in SNOWBALL:
-        return guessed, [_snowball(lang, w) for w in words if w not in STOPWORDS]
-    return guessed, [_stem(w) for w in words if w not in STOPWORDS]
+    stem = functools.partial(_snowball, lang) if lang in SNOWBALL else _stem
+    return guessed, [stem(w) for w in words if w not in STOPWORDS]
+
+
+def index_terms(text: str, default: str = "en") -> tuple[str | None, list[str]]:
+    """`analyse`, plus the concept terms of the text's words: what the index stores and
+    searches with."""
+    guessed, terms = analyse(text, default)
+    return guessed, terms + concept_terms(_WORD.findall(text.lower()))
 
 
 def tokenize(text: str, default: str = "en") -> list[str]:
@@ -326,7 +335,7 @@ class RecallIndex:
             raise ValueError("Item.created_at must be timezone-aware")
         row = self._n
         self._n += 1
-        lang, tokens = analyse(item.text, self._main_language())
+        lang, tokens = index_terms(item.text, self._main_language())
         if lang is not None:
             self._languages[lang] += 1
         self._vecs[row] = vector
@@ -443,7 +452,8 @@ class RecallIndex:
         allowed = self._allowed(n, kinds)
         cue = find_time_cue(query, now)
         sem = self._semantic(qv, n)
-        lex = self._bm25(tokenize(strip_time_phrase(query, cue), self._main_language()), n)
+        terms = index_terms(strip_time_phrase(query, cue), self._main_language())[1]
+        lex = self._bm25(terms, n)
         in_window = None
         if cue is not None:
             created = self._created[:n]
