@@ -73,7 +73,8 @@ async def services(
     """Build every service on a migrated store; tear them down in reverse order.
     With `warm_up`, embedded models load in the background while requests are served.
     With `metrics`, every backend is measured into it. With `safety`, that gate is used
-    whatever `settings.safety_enabled` says (evaluations)."""
+    whatever `settings.safety_enabled` says (evaluations), with the configured guard model
+    when it has none."""
     engine = create_engine(settings.database)
     await migrate(engine)
     conversations = ConversationStore(engine)
@@ -99,6 +100,10 @@ async def services(
     if safety is None and settings.safety_enabled:
         policy = Policy.load(settings.safety_policy_file) if settings.safety_policy_file else None
         safety = SafetyGate(policy=policy, guard=_guard(settings, registry, metrics))
+    elif (
+        safety is not None and safety.guard is None
+    ):  # an evaluation's gate: the deployment's guard
+        safety = safety.with_guard(_guard(settings, registry, metrics))
     if safety is not None and warm_up:
         await asyncio.to_thread(safety.warm_up)
     loading = asyncio.create_task(_warm_up(registry, personalizer)) if warm_up else None

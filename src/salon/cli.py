@@ -306,6 +306,9 @@ async def _refusal_pipeline(settings: Settings, args: argparse.Namespace) -> str
     }[mode]
     if mode != "off":
         gate_label += "; caution band " + ("on" if policy.cautious else "off")
+        guard = settings.safety_guard
+        if guard.model is not None:
+            gate_label += f"; guard {guard.family} {guard.model} ({guard.mode})"
     # Memory extraction is not what this measures, and would double its time.
     quiet = settings.personalization.model_copy(update={"extraction": "off"})
 

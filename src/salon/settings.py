@@ -122,10 +122,11 @@ class SafetyGuardSettings(BaseModel):
     # `provider:model`, like the ids in `models` (it need not be one of them: a guard is not
     # offered to users). Unset: the embedded classifier alone.
     model: str | None = None
-    family: Literal["llama-guard-3", "wildguard", "shieldgemma"] = "llama-guard-3"
+    # "instruct": any chat model (e.g. the embedded one) asked as a judge with salon's prompt.
+    family: Literal["llama-guard-3", "wildguard", "shieldgemma", "instruct"] = "llama-guard-3"
     # "gray": only turns the embedded classifier is unsure about (harmful probability from 0.3
-    # up to the policy's refusal threshold), so most turns cost nothing more; "always": every
-    # turn, the guard's verdict replacing the embedded one.
+    # up to the policy's refusal threshold; 0.1 to 0.9 for "instruct"), so most turns cost
+    # nothing more; "always": every turn.
     mode: Literal["gray", "always"] = "gray"
     # The whole consultation; past it (or on any failure) the embedded verdict stands.
     timeout_s: float = Field(3.0, gt=0)
@@ -146,7 +147,7 @@ class SafetyGuardSettings(BaseModel):
 
     @model_validator(mode="after")
     def _check_prompt(self) -> SafetyGuardSettings:
-        if self.prompt == "server" and self.family != "llama-guard-3":
+        if self.prompt == "server" and self.family in ("wildguard", "shieldgemma"):
             raise ValueError(f"{self.family} has no chat template of its own: use prompt = salon")
         return self
 

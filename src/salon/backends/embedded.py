@@ -39,6 +39,7 @@ from typing import Any
 
 import xllamacpp
 
+from salon.backends.logprobs import openai_logprobs
 from salon.backends.model_files import ModelCatalog, ProgressFn, builtin_catalog
 from salon.domain import (
     CompletionRequest,
@@ -46,6 +47,7 @@ from salon.domain import (
     FinishReason,
     StreamEvent,
     TextDelta,
+    TokenLogprobs,
     Usage,
 )
 from salon.errors import BackendError, ContextTooLong, InvalidRequest, SalonError
@@ -308,9 +310,9 @@ class _Generation:
         while not isinstance(item := await self._queue.get(), _End):
             if "error" in item:
                 raise _to_salon_error(item)
-            text, chunk_reason, chunk_usage = _read_chunk(item)
-            if text:
-                yield TextDelta(text)
+            delta, chunk_reason, chunk_usage = _read_chunk(item)
+            if delta is not None:
+                yield delta
             reason = chunk_reason or reason
             usage = chunk_usage or usage
             timings = item.get("timings") or timings
@@ -371,21 +373,28 @@ def _request_body(request: CompletionRequest, slot: int) -> Chunk:
         "stop": list(params.stop) or None,
     }
     body.update({key: value for key, value in optional.items() if value is not None})
+    if params.top_logprobs:
+        body["logprobs"] = True
+        body["top_logprobs"] = params.top_logprobs
     return body
 
 
-def _read_chunk(chunk: Chunk) -> tuple[str, FinishReason | None, Usage | None]:
-    """Text, finish reason and usage carried by one OpenAI-style stream chunk."""
+def _read_chunk(chunk: Chunk) -> tuple[TextDelta | None, FinishReason | None, Usage | None]:
+    """Text (with log-probabilities when asked for), finish reason and usage carried by one
+    OpenAI-style stream chunk."""
     text = ""
+    logprobs: tuple[TokenLogprobs, ...] = ()
     reason: FinishReason | None = None
     for choice in chunk.get("choices") or ():
         text += (choice.get("delta") or {}).get("content") or ""
+        if raw_logprobs := choice.get("logprobs"):
+            logprobs += openai_logprobs(raw_logprobs)
         if finish := choice.get("finish_reason"):
             reason = FinishReason.LENGTH if finish == "length" else FinishReason.STOP
     usage = None
     if raw := chunk.get("usage"):
         usage = Usage(int(raw.get("prompt_tokens", 0)), int(raw.get("completion_tokens", 0)))
-    return text, reason, usage
+    return (TextDelta(text, logprobs) if text else None), reason, usage
 
 
 def _to_salon_error(failure: Mapping[str, Any] | BaseException, context: str = "") -> SalonError:

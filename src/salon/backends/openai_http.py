@@ -13,13 +13,13 @@ from typing import Any
 
 import aiohttp
 
+from salon.backends.logprobs import openai_logprobs
 from salon.domain import (
     CompletionRequest,
     Finished,
     FinishReason,
     StreamEvent,
     TextDelta,
-    TokenLogprobs,
     Usage,
 )
 from salon.errors import (
@@ -167,7 +167,7 @@ class _SSEParser:
             text = (choice.get("delta") or {}).get("content")
             if text:
                 logprobs = choice.get("logprobs")  # only when asked for: off the hot path
-                deltas.append(TextDelta(text, _logprobs(logprobs)) if logprobs else TextDelta(text))
+                deltas.append(TextDelta(text, openai_logprobs(logprobs) if logprobs else ()))
             if choice.get("finish_reason"):
                 self._reason = _reason(choice["finish_reason"])
 
@@ -187,24 +187,6 @@ def _parse(data: bytes) -> dict[str, Any]:
     if not isinstance(chunk, dict):
         raise BackendError("the model server sent a malformed chunk")
     return chunk
-
-
-def _logprobs(value: Any) -> tuple[TokenLogprobs, ...]:
-    """OpenAI's `choices[].logprobs.content`: per token, its `top_logprobs`. Entries that are
-    not of that shape are skipped (they only ever refine a probability)."""
-    content = value.get("content") if isinstance(value, dict) else None
-    entries = content if isinstance(content, list) else []
-    return tuple(TokenLogprobs(_top(entry)) for entry in entries if isinstance(entry, dict))
-
-
-def _top(entry: dict[str, Any]) -> tuple[tuple[str, float], ...]:
-    top = entry.get("top_logprobs")
-    candidates = top if isinstance(top, list) else []
-    return tuple(
-        (str(t["token"]), float(t["logprob"]))
-        for t in candidates
-        if isinstance(t, dict) and "token" in t and isinstance(t.get("logprob"), int | float)
-    )
 
 
 def _reason(value: str) -> FinishReason:

@@ -125,6 +125,16 @@ class SafetyGate:
                     self._detector = default_detector()
         return self._detector
 
+    @property
+    def guard(self) -> Guard | None:
+        return self._guard
+
+    def with_guard(self, guard: Guard | None) -> SafetyGate:
+        """The same gate (classifier, policy, detector, recovery) consulting `guard`."""
+        return SafetyGate(
+            self._classifier, self._policy, self._detector, recover=self._recover, guard=guard
+        )
+
     def warm_up(self) -> None:
         """Load the default models now (~100 ms) instead of on the first request."""
         _ = self.classifier, self.policy, self.detector
@@ -144,8 +154,9 @@ class SafetyGate:
     async def acheck_messages(self, messages: Sequence[ChatMessage]) -> GateVerdict | None:
         """`check_messages`, then the guard model when there is one and its mode wants this
         turn (every turn, or one the embedded classifier is unsure about, below the policy's
-        refusal threshold). The guard's verdict replaces the embedded one and goes through the
-        same policy; when the guard gives none, the embedded verdict stands."""
+        refusal threshold). The guard's verdict (for a chat model as judge, averaged with the
+        embedded one) goes through the same policy; when it gives none, the embedded verdict
+        stands."""
         # In a worker thread: the embedding head costs ~5-20 ms of CPU, which on the event
         # loop would stall every other stream for that long.
         verdict = await asyncio.to_thread(self.check_messages, messages)
