@@ -43,6 +43,7 @@ ANSWERS = {
     "llama-guard-3": "safe",
     "wildguard": "Harmful request: no",
     "shieldgemma": "No",
+    "instruct": "No",
 }
 
 

@@ -634,10 +634,10 @@ class GuardModelClassifier:
             stop=probe.stop,
             top_logprobs=TOP_LOGPROBS if probe.logprobs else None,
         )
-        # One session for every consultation: the embedded backend pins it to a slot of its
-        # own, so the guard's fixed prompt prefix stays evaluated between turns instead of
-        # being evicted by each chat (measured: a chat answer took 17 s instead of 6 s when
-        # they shared one slot); an engine with prefix-aware routing keeps it on one replica.
+        # One session for every consultation: the embedded backend (with two slots or more)
+        # pins it to a slot of its own, so the guard's fixed prompt prefix stays evaluated
+        # between turns instead of being evicted by each chat; an engine with prefix-aware
+        # routing keeps it on one replica.
         request = CompletionRequest(self._model, probe.messages, params, session_key=GUARD_SESSION)
         return self._format.read(probe, await _collect(self._backend, request))
 
