@@ -513,7 +513,7 @@ class InstructJudge:
     # Wider than a trained guard's band, on both sides: on the development split the average
     # lifts harmful requests the classifier scored 0.1-0.3 and lowers benign ones it scored
     # over the refusal threshold (at refuse_at 0.75: benign blocked 6.9 -> 4.6 %, harmful let
-    # through 32.9 -> 26.2 %); from 0.9 the classifier is rarely wrong and the judge is skipped.
+    # through 32.9 -> 25.9 %); from 0.9 the classifier is rarely wrong and the judge is skipped.
     gray_from: ClassVar[float] = 0.1
     gray_until: ClassVar[float | None] = 0.9
 
