@@ -135,6 +135,41 @@ async def gate_on_benign_turns(base_url: str, guard: FakeGuard) -> list[str]:
     ]
 
 
+def classifier_per_turn() -> list[str]:
+    """The embedded classifier alone (the issue's aim: p95 ≤ 20 ms on a CPU), one turn at a
+    time, on the harder development prompts and on everyday traffic, by prompt length: its
+    cost is the MiniLM embedding, which grows with the number of tokens."""
+    classifier = default_classifier()
+    for row in read_prompts(DATA / "everyday.csv")[:20]:  # warm-up: weights, caches
+        classifier.assess(row.prompt)
+    lines = [
+        "The embedded classifier alone, one turn at a time (single-threaded BLAS, as served):",
+        "",
+        "| prompts | n | median / p95 per turn, ms | p99 | "
+        "median by words: ≤ 10 / 11-20 / 21-40 / > 40 |",
+        "|---|---:|---|---:|---|",
+    ]
+    for name in ("dev.csv", "everyday.csv"):
+        rows = read_prompts(DATA / name)
+        samples: list[tuple[int, float]] = []
+        for row in rows:
+            start = time.perf_counter()
+            classifier.assess(row.prompt)
+            samples.append((len(row.prompt.split()), time.perf_counter() - start))
+        times = sorted(t for _, t in samples)
+        p99 = times[int(0.99 * (len(times) - 1))]
+        buckets = []
+        for low, high in ((0, 10), (11, 20), (21, 40), (41, 10**6)):
+            inside = [t for words, t in samples if low <= words <= high]
+            buckets.append(f"{statistics.median(inside) * 1e3:.1f}" if inside else "–")
+        lines.append(
+            f"| `{name}` | {len(rows)} | {_ms(times, 1)} | {p99 * 1e3:.1f} | "
+            + " / ".join(buckets)
+            + " |"
+        )
+    return lines
+
+
 async def guard_consultation(base_url: str, guard: FakeGuard, family: Family) -> str:
     guard.answer = ANSWERS[family]
     backend = OpenAIHttpBackend(base_url)
@@ -152,6 +187,7 @@ async def run() -> str:
     guard = FakeGuard()
     runner, base_url = await _serve(guard)
     try:
+        alone = classifier_per_turn()
         gate = await gate_on_benign_turns(base_url, guard)
         rows = [await guard_consultation(base_url, guard, family) for family in FAMILIES]
     finally:
@@ -167,6 +203,8 @@ async def run() -> str:
             "```",
             ".venv/bin/python bench/safety_guard.py --write",
             "```",
+            "",
+            *alone,
             "",
             *gate,
             "",
