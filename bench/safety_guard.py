@@ -23,6 +23,7 @@ import socket
 import statistics
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import replace
 from datetime import UTC, datetime
 from typing import Any
 
@@ -138,35 +139,47 @@ async def gate_on_benign_turns(base_url: str, guard: FakeGuard) -> list[str]:
 def classifier_per_turn() -> list[str]:
     """The embedded classifier alone (the issue's aim: p95 ≤ 20 ms on a CPU), one turn at a
     time, on the harder development prompts and on everyday traffic, by prompt length: its
-    cost is the MiniLM embedding, which grows with the number of tokens."""
-    classifier = default_classifier()
+    cost is the MiniLM embedding, which grows with the number of tokens. The shipped head reads
+    at most `max_words` words of a prompt; the same classifier reading whole prompts runs
+    interleaved with it, prompt by prompt, as the comparison."""
+    shipped = default_classifier()
+    assert shipped.dense is not None, "the embedding head needs the packaged MiniLM"
+    whole = replace(shipped, dense=replace(shipped.dense, max_words=None))
     for row in read_prompts(DATA / "everyday.csv")[:20]:  # warm-up: weights, caches
-        classifier.assess(row.prompt)
+        shipped.assess(row.prompt)
+        whole.assess(row.prompt)
     lines = [
-        "The embedded classifier alone, one turn at a time (single-threaded BLAS, as served):",
+        "The embedded classifier alone, one turn at a time (single-threaded BLAS, as served); "
+        f"its embedding head reads at most {shipped.dense.max_words} words of a prompt (the "
+        "first and last halves), against the same head reading whole prompts, interleaved:",
         "",
-        "| prompts | n | median / p95 per turn, ms | p99 | "
+        "| prompts | embedding reads | n | median / p95 per turn, ms | p99 | "
         "median by words: ≤ 10 / 11-20 / 21-40 / > 40 |",
-        "|---|---:|---|---:|---|",
+        "|---|---|---:|---|---:|---|",
     ]
     for name in ("dev.csv", "everyday.csv"):
         rows = read_prompts(DATA / name)
-        samples: list[tuple[int, float]] = []
+        samples: dict[str, list[tuple[int, float]]] = {"clipped": [], "whole": []}
         for row in rows:
-            start = time.perf_counter()
-            classifier.assess(row.prompt)
-            samples.append((len(row.prompt.split()), time.perf_counter() - start))
-        times = sorted(t for _, t in samples)
-        p99 = times[int(0.99 * (len(times) - 1))]
-        buckets = []
-        for low, high in ((0, 10), (11, 20), (21, 40), (41, 10**6)):
-            inside = [t for words, t in samples if low <= words <= high]
-            buckets.append(f"{statistics.median(inside) * 1e3:.1f}" if inside else "–")
-        lines.append(
-            f"| `{name}` | {len(rows)} | {_ms(times, 1)} | {p99 * 1e3:.1f} | "
-            + " / ".join(buckets)
-            + " |"
-        )
+            for label, classifier in (("clipped", shipped), ("whole", whole)):
+                start = time.perf_counter()
+                classifier.assess(row.prompt)
+                samples[label].append((len(row.prompt.split()), time.perf_counter() - start))
+        for label, reads in (
+            ("clipped", f"≤ {shipped.dense.max_words} words (shipped)"),
+            ("whole", "whole prompt"),
+        ):
+            times = sorted(t for _, t in samples[label])
+            p99 = times[int(0.99 * (len(times) - 1))]
+            buckets = []
+            for low, high in ((0, 10), (11, 20), (21, 40), (41, 10**6)):
+                inside = [t for words, t in samples[label] if low <= words <= high]
+                buckets.append(f"{statistics.median(inside) * 1e3:.1f}" if inside else "–")
+            lines.append(
+                f"| `{name}` | {reads} | {len(rows)} | {_ms(times, 1)} | {p99 * 1e3:.1f} | "
+                + " / ".join(buckets)
+                + " |"
+            )
     return lines
 
 

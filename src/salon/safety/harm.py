@@ -58,6 +58,21 @@ F32 = npt.NDArray[np.float32]
 # The neighbour vote: the k most similar training prompts, weighted by exp(cosine / T).
 NEIGHBOURS_K = 10
 NEIGHBOURS_T = 0.1
+# The embedding head reads a long prompt's first and last words only: MiniLM's cost grows with
+# the tokens (compute-bound, ~0.5 ms a token on one core), and a request's intent sits in its
+# opening and its closing ask. The TF-IDF head still reads the whole text.
+DENSE_MAX_WORDS = 32
+
+
+def clipped(text: str, max_words: int | None) -> str:
+    """`text`, or its first and last max_words/2 words when it is longer."""
+    if max_words is None:
+        return text
+    words = text.split()
+    if len(words) <= max_words:
+        return text
+    half = max_words // 2
+    return " ".join([*words[:half], *words[-(max_words - half) :]])
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,6 +90,8 @@ class DenseHead:
     neighbour_labels: F32 | None = None  # (n,), 1.0 = harmful
     k: int = NEIGHBOURS_K
     temperature: float = NEIGHBOURS_T
+    # what it was trained to read (`clipped`); None in artefacts from before the cap
+    max_words: int | None = None
 
     def probabilities(self, vectors: F32) -> list[float]:
         z = np.clip(vectors @ self.weights + self.intercept, -60.0, 60.0)
@@ -101,6 +118,8 @@ class DenseHead:
             "intercept": float(f"{self.intercept:.6g}"),
             "weights": [float(f"{w:.6g}") for w in self.weights],
         }
+        if self.max_words is not None:
+            data["max_words"] = self.max_words
         if self.neighbour_labels is not None:
             data |= {
                 "k": self.k,
@@ -124,6 +143,7 @@ class DenseHead:
             neighbour_labels=np.asarray(labels, dtype=np.float32) if use else None,
             k=int(str(data.get("k", NEIGHBOURS_K))),
             temperature=float(str(data.get("temperature", NEIGHBOURS_T))),
+            max_words=int(str(data["max_words"])) if "max_words" in data else None,
         )
 
 
@@ -164,7 +184,8 @@ class EmbeddedHarmClassifier:
         sparse = [self.harm.probabilities(raw_counts(t, self.harm.config))["unsafe"] for t in texts]
         if self.dense is None or self.embedder is None:
             return sparse
-        dense = self.dense.probabilities(self.embedder.embed(list(texts)))
+        read = [clipped(t, self.dense.max_words) for t in texts]
+        dense = self.dense.probabilities(self.embedder.embed(read))
         w = self.dense.sparse_weight
         return [w * s + (1.0 - w) * d for s, d in zip(sparse, dense, strict=True)]
 

@@ -33,11 +33,13 @@ from salon.safety._linear import FeatureConfig, LinearTextModel, raw_counts, sav
 from salon.safety.datasets import DATA, PromptRow, training_prompts
 from salon.safety.harm import (
     DENSE_ARTEFACT,
+    DENSE_MAX_WORDS,
     HARM_ARTEFACT,
     NEIGHBOURS_ARTEFACT,
     Assessment,
     DenseHead,
     EmbeddedHarmClassifier,
+    clipped,
 )
 from salon.safety.refusal import EARLY_CHARS, REFUSAL_ARTEFACT, phrase_features
 from salon.safety.stats import wilson
@@ -201,12 +203,21 @@ def train_harm(rows: Sequence[PromptRow]) -> dict[str, LinearTextModel]:
 F32 = np.ndarray
 
 
-def embed_prompts(rows: Sequence[PromptRow], embedder: Embedder) -> F32:
-    return embedder.embed([r.prompt for r in rows])
+def embed_prompts(
+    rows: Sequence[PromptRow], embedder: Embedder, max_words: int | None = DENSE_MAX_WORDS
+) -> F32:
+    """What the embedding head reads of each prompt, embedded (see `harm.clipped`)."""
+    return embedder.embed([clipped(r.prompt, max_words) for r in rows])
 
 
 def fit_dense(
-    x: F32, labels: Sequence[str], embedder: str, c: float = DENSE_C, *, neighbours: bool = True
+    x: F32,
+    labels: Sequence[str],
+    embedder: str,
+    c: float = DENSE_C,
+    *,
+    neighbours: bool = True,
+    max_words: int | None = DENSE_MAX_WORDS,
 ) -> DenseHead:
     """The embedding heads: a logistic regression and (with `neighbours`) the vote of the
     nearest training prompts, whose vectors are kept at float16 as they are shipped."""
@@ -220,6 +231,7 @@ def fit_dense(
         sparse_weight=SPARSE_WEIGHT if neighbours else 0.5,
         neighbours=x.astype(np.float16).astype(np.float32) if neighbours else None,
         neighbour_labels=y.astype(np.float32) if neighbours else None,
+        max_words=max_words,
     )
 
 
@@ -271,7 +283,8 @@ def cross_validated_classifier(
     """Trains the FOLDS fold classifiers (with the full one's embedder, if any): ~1 min."""
     rows = list(rows or training_prompts())
     emb = full.embedder
-    x = embed_prompts(rows, emb) if emb is not None and full.dense is not None else None
+    clip = full.dense.max_words if full.dense is not None else None
+    x = embed_prompts(rows, emb, clip) if emb is not None and full.dense is not None else None
     by_prompt: dict[str, EmbeddedHarmClassifier] = {}
     for tr, te in folds(rows):
         heads = train_harm([rows[i] for i in tr])
@@ -279,7 +292,7 @@ def cross_validated_classifier(
         if x is not None and full.dense is not None:
             labels = [rows[i].label for i in tr]
             vote = full.dense.neighbours is not None
-            dense = fit_dense(x[tr], labels, full.dense.embedder, neighbours=vote)
+            dense = fit_dense(x[tr], labels, full.dense.embedder, neighbours=vote, max_words=clip)
         fold = EmbeddedHarmClassifier(
             harm=heads["harm"],
             category=heads["category"],
