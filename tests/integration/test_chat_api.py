@@ -16,7 +16,7 @@ import uvicorn
 from salon.app import create_app
 from salon.settings import ProviderSettings, Settings
 
-MODELS = "fake:echo,fake:slow,fake:fail,fake:down,fake:markdown"
+MODELS = "fake:echo,fake:slow,fake:fail,fake:down,fake:markdown,fake:loop"
 
 
 @pytest.fixture
@@ -245,6 +245,25 @@ async def test_backend_failures_end_with_an_error_and_keep_the_text(base_url: st
     assert text == "You said: tell"
     assert final["partial"]["status"] == "error"
     assert final["partial"]["content"] == "You said: tell"
+
+
+async def test_a_model_caught_in_a_loop_is_stopped_and_its_answer_kept(base_url: str) -> None:
+    """fake:loop writes one sentence 300 times (~13,000 characters); salon stops it once the
+    loop is certain, keeps what was shown, and says why."""
+    lou = await sign_up(base_url, "lou")
+    cid = await lou.new_chat()
+    sent = await lou.say(cid, "tell me a story", model="fake:loop")
+    message_id = sent["assistant_message"]["id"]
+    text, final = await lou.answer(message_id)
+    response = await lou.call("GET", f"/api/conversations/{cid}/messages")
+    stored = next(m for m in response.json()["data"] if m["id"] == message_id)
+    assert stored["status"] == "stopped"
+    assert "repeating itself" in stored["error"]
+    assert stored["content"] == text  # what was streamed is what is kept
+    assert text.startswith("Here is my answer: All work and no play makes Jack a dull boy.")
+    assert 1_200 <= len(text) < 2_000, len(text)  # stopped soon after the loop is certain
+    # the stream's last event says so too, for a client that is watching
+    assert final["partial"]["status"] == "stopped" and final["message"] == stored["error"]
 
 
 async def test_bad_input_gets_a_clear_4xx(base_url: str) -> None:

@@ -9,6 +9,8 @@
 - `markdown`: a fixed reply with a heading, a list and a fenced code block.
 - `prompt`: replies with everything it was sent, one `[role] content` block per message,
   exactly — what tests read to see what a model really receives.
+- `loop`: starts an answer, then falls into a loop, writing one sentence again and again
+  (300 times, ~13,000 characters) as a small model sometimes does.
 - `styled`: a cheerful fixed reply with emoji, a heading and a list, in English — one that
   many style settings reject, to exercise their enforcement.
 """
@@ -26,6 +28,7 @@ STYLED_REPLY = (
     "## Great question! 🎉\n\nHere are the steps 😀:\n\n- Open the settings\n"
     "- Pick what you like\n- Save it ✅\n\nThat is all there is to it."
 )
+LOOP_SENTENCE = "All work and no play makes Jack a dull boy."
 CHUNK = 16
 
 
@@ -73,6 +76,8 @@ class FakeBackend:
             return [f"w{i}" for i in range(done + 1, count + 1)], self._delay_s
         if model == "markdown":
             return MARKDOWN_REPLY.split(" "), 0.0
+        if model == "loop":
+            return ["Here", "is", "my", "answer:", *LOOP_SENTENCE.split() * 300], 0.0
         raise UnknownModel(f"the fake backend has no model {model!r}")
 
     async def close(self) -> None:

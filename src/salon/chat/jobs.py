@@ -20,6 +20,7 @@ from typing import Any
 
 from salon.backends.registry import ModelRoute
 from salon.chat.admission import Admission, Caller
+from salon.chat.loops import LoopWatch
 from salon.chat.personal import Enforcement
 from salon.chat.safety import Recovery
 from salon.domain import CompletionRequest, MessageStatus, StreamEvent, TextDelta, Usage
@@ -54,6 +55,9 @@ JobEvent = Delta | Ended
 Revise = Callable[["GenerationJob", list[CheckResult]], Awaitable[int | None]]
 
 
+LOOP_NOTE = "The model kept repeating itself, so salon stopped this answer."
+
+
 class GenerationJob:
     def __init__(self, message_id: int, conversation_id: str, initial_text: str) -> None:
         self.message_id = message_id
@@ -77,6 +81,8 @@ class GenerationJob:
         self.started = time.monotonic()
         # Whose generation it is: fairness in the model's queue and token quotas.
         self.user_id = ""
+        # A model that falls into a loop is stopped (`loops`): the answer is kept, marked.
+        self.loops = LoopWatch()
 
     @property
     def length(self) -> int:
@@ -92,6 +98,7 @@ class GenerationJob:
 
     def emit(self, text: str) -> None:
         """Generated text, through the enforcer when there is one."""
+        self.loops.feed(text)
         released = text
         if self.enforcer is not None:
             self._raw.append(text)
@@ -105,8 +112,9 @@ class GenerationJob:
 
     @property
     def enough(self) -> bool:
-        """The enforcer has all it may release (a length bound): stop generating."""
-        return self.enforcer is not None and self.enforcer.done
+        """Stop generating: the enforcer has all it may release (a length bound), or the
+        model has fallen into a loop."""
+        return self.loops.looping or (self.enforcer is not None and self.enforcer.done)
 
     def append(self, text: str) -> None:
         self._chunks.append(text)
@@ -223,6 +231,15 @@ class JobRunner:
     ) -> None:
         try:
             usage = await self._admitted(job, route, request, recovery)
+            if job.loops.looping:
+                # Kept as written (it was shown as it streamed), marked so the user knows why
+                # it ends there and can regenerate; not checked or revised.
+                if job.enforcer is not None and (tail := job.enforcer.finish()):
+                    job.append(tail)
+                await self._finish(
+                    job, MessageStatus.STOPPED, usage=usage, error=LOOP_NOTE, code="repetition"
+                )
+                return
             if enforcement is not None:
                 await self._settle(job, enforcement, revise)
             await self._finish(job, MessageStatus.COMPLETE, usage=usage)

@@ -1060,9 +1060,10 @@ function safetyNote(msg) {
 function statusBox(msg) {
   const box = h('div', { class: `msg-status status-${msg.status}`, 'data-testid': 'message-status' });
   box.append(icon('alert'));
+  // A stop salon made itself (a model repeating itself) says why; the user's own says "Stopped".
   const label = msg.status === 'error'
     ? (msg.error || 'The model failed to answer.')
-    : STATUS_TEXT[msg.status];
+    : (msg.status === 'stopped' && msg.error) || STATUS_TEXT[msg.status];
   box.append(h('span', { class: 'status-text', 'data-testid': msg.status === 'error' ? 'message-error' : 'status-label' }, label));
   const actions = h('span', { class: 'status-actions' });
   if (msg.content) {
