@@ -44,7 +44,7 @@ CHROMIUM_ARGS = [
     "--disable-gpu",
     "--no-first-run",
 ]
-FAKE_MODELS = "fake:echo,fake:slow,fake:fail,fake:down,fake:markdown"
+FAKE_MODELS = "fake:echo,fake:slow,fake:fail,fake:down,fake:markdown,fake:loop"
 EMBEDDED_MODEL = "embedded:smollm2-135m-instruct"
 PASSWORD = "correct-horse-battery"
 ADMIN = "alice"

@@ -287,6 +287,25 @@ def test_backend_failing_mid_stream_keeps_partial_text(admin_page: Any, chat_ui:
     expect(answer.get_by_test_id("continue")).to_be_visible()
 
 
+def test_a_model_caught_in_a_loop_is_stopped_with_the_reason(admin_page: Any, chat_ui: Any) -> None:
+    ui = chat_ui(admin_page)
+    ui.pick_model("fake:loop")
+    ui.send("tell me a story")
+    answer = ui.last()
+    ui.wait_status(answer, "stopped", timeout=10_000)
+    status = answer.get_by_test_id("message-status")
+    expect(status).to_contain_text("kept repeating itself")
+    expect(answer.get_by_test_id("message-content")).to_contain_text(
+        "All work and no play makes Jack a dull boy."
+    )
+    expect(answer.get_by_test_id("regenerate")).to_be_visible()
+    # the reason is stored with the answer: still there after a reload
+    admin_page.reload()
+    answer = ui.last()
+    ui.wait_status(answer, "stopped")
+    expect(answer.get_by_test_id("message-status")).to_contain_text("kept repeating itself")
+
+
 def test_server_unreachable_shows_clear_error(admin_page: Any) -> None:
     """The server goes away after the page loaded: a readable error, and no hang."""
     page = admin_page
