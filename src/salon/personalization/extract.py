@@ -347,20 +347,12 @@ _RULES: tuple[_Rule, ...] = (
         "job",
         r"by\s+(?:profession|trade)\b",
     ),
+    # Also a job change said as news: "I'm now at Figma", "I've just started at Stripe".
     _R(
         "en",
         "fact",
-        r"I\s+(?:now\s+|currently\s+)?work\s+(?:at|for)\s+",
-        "proper",
-        "I work at {v}",
-        "employer",
-    ),
-    # A job change said as news: "I'm now at Figma", "I've started at Stripe as a designer".
-    _R(
-        "en",
-        "fact",
-        r"(?:" + _I_AM + r"\s+now\s+at|I(?:'ve|\s+have)?\s+(?:just\s+)?started\s+"
-        r"(?:a\s+new\s+job\s+)?at)\s+",
+        r"(?:I\s+(?:now\s+|currently\s+)?work\s+(?:at|for)|" + _I_AM + r"\s+now\s+at|"
+        r"I(?:'ve|\s+have)?\s+(?:just\s+)?started\s+(?:a\s+new\s+job\s+)?at)\s+",
         "proper",
         "I work at {v}",
         "employer",
