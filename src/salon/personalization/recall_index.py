@@ -227,18 +227,22 @@ def _snowball(lang: str, word: str) -> str:
 def analyse(text: str, default: str = "en") -> tuple[str | None, list[str]]:
     """The language `text`'s function words tell (None when it has none: "Pistache",
     "violoncello", "4471") and its terms, stemmed for that language or else for `default`."""
-    words = _WORD.findall(text.lower())
-    guessed = guess_language(words)
-    lang = guessed or default
-    stem = functools.partial(_snowball, lang) if lang in SNOWBALL else _stem
-    return guessed, [stem(w) for w in words if w not in STOPWORDS]
+    return _stemmed(_WORD.findall(text.lower()), default)
 
 
 def index_terms(text: str, default: str = "en") -> tuple[str | None, list[str]]:
     """`analyse`, plus the concept terms of the text's words: what the index stores and
     searches with."""
-    guessed, terms = analyse(text, default)
-    return guessed, terms + concept_terms(_WORD.findall(text.lower()))
+    words = _WORD.findall(text.lower())
+    guessed, terms = _stemmed(words, default)
+    return guessed, terms + concept_terms(words)
+
+
+def _stemmed(words: list[str], default: str) -> tuple[str | None, list[str]]:
+    guessed = guess_language(words)
+    lang = guessed or default
+    stem = functools.partial(_snowball, lang) if lang in SNOWBALL else _stem
+    return guessed, [stem(w) for w in words if w not in STOPWORDS]
 
 
 def tokenize(text: str, default: str = "en") -> list[str]:
