@@ -213,6 +213,16 @@ def first_token_probability(position: TokenLogprobs, positive: str, negative: st
     return yes / (yes + no) if yes + no > 0 else None
 
 
+class TrainedGuard:
+    """What the published guard families share: their verdict replaces the embedded one, and
+    mode "gray" asks them from GRAY_FROM up to the policy's refusal threshold."""
+
+    __slots__ = ()
+    embedded_weight: ClassVar[float] = 0.0
+    gray_from: ClassVar[float] = GRAY_FROM
+    gray_until: ClassVar[float | None] = None
+
+
 # -- Llama Guard 3 -------------------------------------------------------------------------
 
 LLAMA_GUARD_3_CATEGORIES = (
@@ -275,12 +285,9 @@ def parse_llama_guard(text: str) -> tuple[str, ...] | None:
 
 
 @dataclass(frozen=True, slots=True)
-class LlamaGuard3:
+class LlamaGuard3(TrainedGuard):
     render: Render = "server"
     name: ClassVar[str] = "llama-guard-3"
-    embedded_weight: ClassVar[float] = 0.0
-    gray_from: ClassVar[float] = GRAY_FROM
-    gray_until: ClassVar[float | None] = None
     categories: ClassVar[Mapping[str, tuple[str, ...]]] = {
         "S1": ("violence", "weapons", "hate_harassment"),
         "S2": ("crime", "fraud", "drugs", "cyber", "weapons", "privacy"),
@@ -349,11 +356,8 @@ def parse_wildguard(text: str) -> bool:
 
 
 @dataclass(frozen=True, slots=True)
-class WildGuard:
+class WildGuard(TrainedGuard):
     name: ClassVar[str] = "wildguard"
-    embedded_weight: ClassVar[float] = 0.0
-    gray_from: ClassVar[float] = GRAY_FROM
-    gray_until: ClassVar[float | None] = None
     # WildGuard names no category: the embedded classifier's stands (see GuardModelClassifier).
     categories: ClassVar[Mapping[str, tuple[str, ...]]] = {}
 
@@ -423,11 +427,8 @@ def parse_shieldgemma(text: str) -> bool:
 
 
 @dataclass(frozen=True, slots=True)
-class ShieldGemma:
+class ShieldGemma(TrainedGuard):
     name: ClassVar[str] = "shieldgemma"
-    embedded_weight: ClassVar[float] = 0.0
-    gray_from: ClassVar[float] = GRAY_FROM
-    gray_until: ClassVar[float | None] = None
     categories: ClassVar[Mapping[str, tuple[str, ...]]] = {
         # "dangerous" spans weapons, terrorism and suicide: the embedded classifier's category
         # says which, when it is one of these; otherwise the generic refusal.
