@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from datetime import timedelta
@@ -31,9 +32,10 @@ from salon.backends.embeddings import (
     default_embedder,
 )
 from salon.backends.registry import BUILT_IN, BackendRegistry
+from salon.chat import relay
 from salon.chat.admission import Admission, Limiter, QueuePolicy, RateLimits
 from salon.chat.gateway import Gateway
-from salon.chat.jobs import JobRunner
+from salon.chat.jobs import GenerationJob, JobRunner, Publish
 from salon.chat.safety import SafetyGate
 from salon.chat.service import ChatLimits, ChatService, utcnow
 from salon.domain import SamplingParams
@@ -47,10 +49,12 @@ from salon.safety.guard import Guard, GuardModelClassifier
 from salon.safety.policy import Policy
 from salon.settings import Settings
 from salon.store.accounts import AccountStore
+from salon.store.broadcast import Broadcast, RedisBroadcast
 from salon.store.conversations import ConversationStore
 from salon.store.counters import Counters, InMemoryCounters, RedisCounters
-from salon.store.db import create_engine, migrate
+from salon.store.db import DATABASE_ERRORS, create_engine, migrate
 from salon.store.memories import MemoryStore
+from salon.store.nodes import NodeStore
 from salon.store.profiles import ProfileStore
 
 log = logging.getLogger(__name__)
@@ -77,14 +81,27 @@ async def services(
     when it has none."""
     engine = create_engine(settings.database)
     await migrate(engine)
-    conversations = ConversationStore(engine)
+    node = settings.node_name or f"{socket.gethostname()}:{settings.port}"
+    conversations = ConversationStore(engine, node=node)
     interrupted = await conversations.mark_interrupted()
     if interrupted:
         log.info("%d generations were interrupted by the last shutdown", interrupted)
+    nodes = NodeStore(engine, node)
     registry = BackendRegistry(settings, progress, metrics, tracing)
     account_store = AccountStore(engine)
     admission = _admission(settings, account_store, metrics)
-    runner = JobRunner(conversations, settings.flush_interval_s, utcnow, admission)
+    broadcast = (
+        RedisBroadcast(settings.redis_url, prefix=settings.redis_key_prefix)
+        if settings.redis_url
+        else None
+    )
+    runner = JobRunner(
+        conversations,
+        settings.flush_interval_s,
+        utcnow,
+        admission,
+        publish=_publisher(broadcast) if broadcast is not None else None,
+    )
     limits = ChatLimits(
         max_message_chars=settings.max_message_chars,
         context_max_chars=settings.context_max_chars,
@@ -107,6 +124,7 @@ async def services(
     if safety is not None and warm_up:
         await asyncio.to_thread(safety.warm_up)
     loading = asyncio.create_task(_warm_up(registry, personalizer)) if warm_up else None
+    beating = asyncio.create_task(_beat(nodes, settings.node_timeout_s), name="node-heartbeat")
     try:
         yield Services(
             accounts=AccountService(
@@ -122,6 +140,7 @@ async def services(
                 safety=safety,
                 personalizer=personalizer,
                 admission=admission,
+                broadcast=broadcast,
             ),
             personalizer=personalizer,
             gateway=Gateway(registry, safety, admission),
@@ -137,9 +156,41 @@ async def services(
         await personalizer.memory.close()
         await runner.drain(settings.shutdown_grace_s)
         await runner.shutdown()
+        beating.cancel()
+        await _leave(nodes)
+        if broadcast is not None:
+            await broadcast.close()
         await admission.close()
         await registry.close()
         await engine.dispose()
+
+
+def _publisher(broadcast: Broadcast) -> Publish:
+    async def publish(job: GenerationJob, start: int) -> None:
+        await relay.publish(job, broadcast, start)
+
+    return publish
+
+
+async def _beat(nodes: NodeStore, timeout_s: float) -> None:
+    """This node's heartbeat, and the sweep of dead nodes' generations (store/nodes.py)."""
+    ttl = timedelta(seconds=timeout_s)
+    while True:
+        try:
+            await nodes.beat(utcnow())
+            await nodes.sweep(utcnow(), ttl)
+        except DATABASE_ERRORS as exc:
+            # A database restart: the next beat tries again; a node whose beats stay away
+            # longer than the timeout has its generations taken over, which is right then.
+            log.warning("node heartbeat failed: %s", type(exc).__name__)
+        await asyncio.sleep(timeout_s / 6)
+
+
+async def _leave(nodes: NodeStore) -> None:
+    try:
+        await nodes.leave()
+    except DATABASE_ERRORS as exc:
+        log.warning("could not remove this node's heartbeat: %s", type(exc).__name__)
 
 
 def _guard(settings: Settings, registry: BackendRegistry, metrics: Metrics | None) -> Guard | None:
@@ -181,9 +232,10 @@ def _admission(settings: Settings, store: AccountStore, metrics: Metrics | None)
         concurrent = own.max_concurrent if own and own.max_concurrent is not None else None
         queue = own.max_queue if own and own.max_queue is not None else config.max_queue
         timeout = own.queue_timeout_s if own and own.queue_timeout_s else config.queue_timeout_s
+        wait = own.max_wait_s if own and own.max_wait_s else config.max_wait_s
         if concurrent is None:
             concurrent = _default_concurrency(settings, model_id)
-        return QueuePolicy(concurrent, queue, timeout)
+        return QueuePolicy(concurrent, queue, timeout, wait)
 
     return Admission(
         Limiter(counters, defaults, store),

@@ -158,6 +158,7 @@ class ModelLimits(BaseModel):
     max_concurrent: int | None = Field(None, ge=0)
     max_queue: int | None = Field(None, ge=0)
     queue_timeout_s: float | None = Field(None, gt=0)
+    max_wait_s: float | None = Field(None, gt=0)
 
 
 class LimitsSettings(BaseModel):
@@ -170,6 +171,11 @@ class LimitsSettings(BaseModel):
     max_queue: int = Field(64, ge=0)
     # A request still waiting after this long is refused (503 overloaded).
     queue_timeout_s: float = Field(60.0, gt=0)
+    # A request whose expected wait (average generation time × the queue ahead, per slot) is
+    # longer than this is refused at once (503 overloaded, with that wait as Retry-After).
+    # Unset: `queue_timeout_s`. Set it near the time to first token you promise, and the
+    # queue holds only what that allows.
+    max_wait_s: float | None = Field(None, gt=0)
     # Per model id (TOML, or JSON in SALON_LIMITS__MODELS).
     models: dict[str, ModelLimits] = Field(default_factory=dict)
     # Per-caller limits, 0 = unlimited. The admin changes the user_* and key_* values at run
@@ -228,6 +234,13 @@ class Settings(BaseSettings):
     redis_url: str | None = None
     # Prefix of salon's keys in that Redis (several instances may share one Redis).
     redis_key_prefix: str = "salon:"
+
+    # This process's name among the salon nodes sharing the database (store/nodes.py).
+    # Unset: the host name and `port`. No two running processes may share one.
+    node_name: str | None = Field(None, min_length=1, max_length=200)
+    # A node not heard from for this long is taken for dead: its running generations are
+    # kept, marked incomplete. Nodes beat six times per period.
+    node_timeout_s: float = Field(30.0, gt=0)
 
     signup_open: bool = True  # initial value; the admin changes it at run time
     session_days: int = 30

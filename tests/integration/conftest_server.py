@@ -21,6 +21,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
+import uuid
 from collections.abc import AsyncIterator, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -274,3 +275,35 @@ async def serving_app(app: Any) -> AsyncIterator[str]:
     finally:
         server.should_exit = True
         await asyncio.wait_for(task, 20)
+
+
+# -- Redis (running on CI machines; tests skip here without it) ----------------------------
+
+REDIS_URL = os.environ.get("SALON_TEST_REDIS", "redis://127.0.0.1:6379/0")
+
+
+def _redis_reachable() -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", 6379), timeout=0.5) as sock:
+            sock.sendall(b"PING\r\n")
+            return sock.recv(16).startswith(b"+PONG")
+    except OSError:
+        return False
+
+
+@pytest.fixture
+async def redis_prefix() -> AsyncIterator[str]:
+    """A key prefix of this test's own in the shared Redis, deleted afterwards."""
+    if not _redis_reachable():
+        if os.environ.get("CI"):
+            pytest.fail("Redis must be reachable in CI (127.0.0.1:6379)")
+        pytest.skip("Redis is not reachable at 127.0.0.1:6379")
+    prefix = f"salon-test-{uuid.uuid4().hex[:10]}:"
+    yield prefix
+    from redis.asyncio import Redis
+
+    client = Redis.from_url(REDIS_URL)
+    keys = [key async for key in client.scan_iter(match=f"{prefix}*")]
+    if keys:
+        await client.delete(*keys)
+    await client.aclose()

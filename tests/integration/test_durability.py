@@ -11,7 +11,9 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -31,6 +33,8 @@ def server_env(tmp_path: Path) -> dict[str, str]:
         "SALON_MODELS": "fake:slow",
         "SALON_FLUSH_INTERVAL_S": "0.05",
         "SALON_LOG_LEVEL": "warning",
+        # Restarted on another port, it is still the same node (store/nodes.py).
+        "SALON_NODE_NAME": "node-1",
     }
 
 
@@ -68,9 +72,7 @@ def servers(server_env: dict[str, str]) -> Iterator[list[Server]]:
         server.kill()
 
 
-def test_sigkill_mid_generation_loses_nothing(
-    server_env: dict[str, str], servers: list[Server]
-) -> None:
+def _generate_then_kill(server_env: dict[str, str], servers: list[Server]) -> Started:
     first = Server(server_env)
     servers.append(first)
     client = httpx.Client(base_url=first.url, timeout=10)
@@ -82,14 +84,33 @@ def test_sigkill_mid_generation_loses_nothing(
     turn = client.post(
         f"/api/conversations/{cid}/messages", json={"content": "count for me"}, headers=headers
     ).json()
-    answer_id = turn["assistant_message"]["id"]
     time.sleep(0.6)  # a few flushes happen
     first.kill()
+    return Started(client, headers, cid, turn["assistant_message"]["id"])
 
+
+@dataclass
+class Started:
+    client: httpx.Client
+    headers: dict[str, str]
+    conversation_id: str
+    answer_id: int
+
+    def page(self, server: Server) -> list[dict[str, Any]]:
+        self.client = httpx.Client(base_url=server.url, timeout=10, cookies=self.client.cookies)
+        response = self.client.get(f"/api/conversations/{self.conversation_id}/messages")
+        data: list[dict[str, Any]] = response.json()["data"]
+        return data
+
+
+def test_sigkill_mid_generation_loses_nothing(
+    server_env: dict[str, str], servers: list[Server]
+) -> None:
+    started = _generate_then_kill(server_env, servers)
     second = Server(server_env)
     servers.append(second)
-    client = httpx.Client(base_url=second.url, timeout=10, cookies=client.cookies)
-    page = client.get(f"/api/conversations/{cid}/messages").json()["data"]
+    page = started.page(second)
+    client, headers, answer_id = started.client, started.headers, started.answer_id
     assert page[0]["content"] == "count for me"
     partial = page[1]
     assert partial["id"] == answer_id
@@ -111,3 +132,23 @@ def test_sigkill_mid_generation_loses_nothing(
                 assert more.startswith(" w")  # continues right where it was cut
                 break
     client.post(f"/api/messages/{answer_id}/stop", headers=headers)
+
+
+def test_a_dead_nodes_generation_is_taken_over_by_another_node(
+    server_env: dict[str, str], servers: list[Server]
+) -> None:
+    """Node 1 dies mid-answer; node 2, a different node on the same database, does not
+    touch node 1's generation at start-up but sweeps it once node 1 has been silent for
+    `node_timeout_s`: the text is kept, marked incomplete."""
+    started = _generate_then_kill({**server_env, "SALON_NODE_TIMEOUT_S": "1"}, servers)
+    other = Server({**server_env, "SALON_NODE_NAME": "node-2", "SALON_NODE_TIMEOUT_S": "1"})
+    servers.append(other)
+    deadline = time.monotonic() + 15
+    answer = started.page(other)[1]
+    while answer["status"] == "streaming" and time.monotonic() < deadline:
+        time.sleep(0.2)
+        answer = started.page(other)[1]
+    assert answer["status"] == "incomplete"
+    words = answer["content"].split()
+    assert len(words) >= 3
+    assert words == [f"w{i}" for i in range(1, len(words) + 1)]

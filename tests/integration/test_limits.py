@@ -6,11 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import socket
 import time
-import uuid
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -20,18 +17,9 @@ import pytest
 from salon.app import create_app
 from salon.settings import LimitsSettings, ModelLimits, ProviderSettings, Settings
 from salon.store.counters import RedisCounters
-from tests.integration.conftest_server import serving_app
+from tests.integration.conftest_server import REDIS_URL, redis_prefix, serving_app
 
-REDIS_URL = os.environ.get("SALON_TEST_REDIS", "redis://127.0.0.1:6379/0")
-
-
-def _redis_reachable() -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", 6379), timeout=0.5) as sock:
-            sock.sendall(b"PING\r\n")
-            return sock.recv(16).startswith(b"+PONG")
-    except OSError:
-        return False
+__all__ = ["redis_prefix"]  # a fixture
 
 
 def settings(tmp_path: Path, limits: LimitsSettings, **extra: Any) -> Settings:
@@ -152,9 +140,11 @@ async def test_a_full_queue_is_refused_fast_and_the_slot_comes_back(tmp_path: Pa
                 refused = await complete(url, key, "fake:slow")
                 timings.append(time.perf_counter() - started)
                 assert_limited(refused, 503, "overloaded")
-            print("refusal over HTTP, s:", sorted(timings))
             print("refusals over HTTP, s:", sorted(timings))
-            assert min(timings) < 0.05, timings
+            # Refused, not queued: well under any wait (the queue timeout is 60 s). How fast
+            # exactly is bench/overload.py's to measure (p99 3.7 ms); under a loaded test
+            # run this shared machine takes 30-60 ms for the round trip.
+            assert max(timings) < 1.0, timings
             # The web app is refused the same way, before anything is stored.
             cid = (await ann.call("POST", "/api/conversations", {"model": "fake:slow"})).json()
             post = await ann.call(
@@ -206,24 +196,6 @@ async def test_the_admin_sets_limits_at_run_time(tmp_path: Path) -> None:
 
 
 # -- Redis -------------------------------------------------------------------------------
-
-
-@pytest.fixture
-async def redis_prefix() -> AsyncIterator[str]:
-    """A key prefix of this test's own in the shared Redis, deleted afterwards."""
-    if not _redis_reachable():
-        if os.environ.get("CI"):
-            pytest.fail("Redis must be reachable in CI (127.0.0.1:6379)")
-        pytest.skip("Redis is not reachable at 127.0.0.1:6379")
-    prefix = f"salon-test-{uuid.uuid4().hex[:10]}:"
-    yield prefix
-    from redis.asyncio import Redis
-
-    client = Redis.from_url(REDIS_URL)
-    keys = [key async for key in client.scan_iter(match=f"{prefix}*")]
-    if keys:
-        await client.delete(*keys)
-    await client.aclose()
 
 
 async def test_two_instances_share_limits_through_redis(tmp_path: Path, redis_prefix: str) -> None:

@@ -118,6 +118,7 @@ async def test_interrupted_generations_are_kept_and_marked(engine: AsyncEngine) 
     kept = await store.message(user.id, answer.id)
     assert kept.status == MessageStatus.INCOMPLETE
     assert kept.content == "partial text"
+    await store.restart(answer.id, NOW)  # continued
     await store.finish(
         answer.id,
         content="partial text, done",

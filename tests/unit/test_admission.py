@@ -146,6 +146,33 @@ async def test_a_wait_longer_than_the_timeout_is_refused() -> None:
     assert q.in_flight == 0
 
 
+@pytest.mark.parametrize(("max_wait_s", "timeout_s", "admitted"), [(3.0, 60.0, 3), (None, 5.0, 5)])
+async def test_a_newcomer_expected_to_wait_too_long_is_refused_at_once(
+    max_wait_s: float | None, timeout_s: float, admitted: int
+) -> None:
+    """Generations hold a slot 2 s on average; 2 slots: the n-th waiter expects n s. Beyond
+    `max_wait_s` (by default the queue timeout) a newcomer is refused at once, with its
+    expected wait as Retry-After, although the queue has places left."""
+    clock = Clock(0.0)
+    q = ModelQueue("fake:slow", QueuePolicy(2, 64, timeout_s, max_wait_s), clock=clock)
+    async with q.slot("a"):
+        clock.now += 2.0  # one generation measured: 2 s
+    hold = asyncio.Event()
+
+    async def generate(user: str) -> None:
+        async with q.slot(user):
+            await hold.wait()
+
+    tasks = [asyncio.create_task(generate(f"u{i}")) for i in range(2 + admitted)]
+    await settle()
+    assert (q.in_flight, q.depth) == (2, admitted)
+    with pytest.raises(Overloaded) as refused:
+        q.check_room("late")
+    assert refused.value.retry_after_s == min(admitted + 1.0, timeout_s)
+    hold.set()
+    await asyncio.gather(*tasks)
+
+
 async def test_cancelling_a_wait_frees_its_place() -> None:
     q = queue(concurrent=1, waiting=1)
     hold = asyncio.Event()

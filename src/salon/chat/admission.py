@@ -4,7 +4,8 @@ Every generation (a /v1 completion, a web-app job) passes one door, `Admission`:
 
 1. `admit` — the caller's limits, before anything is stored or sent: completion tokens per
    day (429 `quota_exceeded`, or the fallback model when one is configured), room in the
-   model's queue (503 `overloaded`, at once), requests per minute (429
+   model's queue (503 `overloaded`, at once: the queue is full, or the newcomer's expected
+   wait is longer than `max_wait_s`), requests per minute (429
    `rate_limit_exceeded`). Counters live in a `Counters` store (this process, or Redis).
 2. `slot` — one of the model's `max_concurrent` generation slots, held for the whole
    generation and released however it ends. When none is free the request waits in the
@@ -50,6 +51,14 @@ class QueuePolicy:
     max_concurrent: int  # 0 = no limit (no queue either)
     max_queue: int
     queue_timeout_s: float
+    # A newcomer whose expected wait (the average slot hold time × the queue ahead, per
+    # slot) is longer than this is refused at once instead of queued; None: the queue
+    # timeout, so that a request that would most likely time out waiting is told at once.
+    max_wait_s: float | None = None
+
+    @property
+    def wait_bound_s(self) -> float:
+        return self.queue_timeout_s if self.max_wait_s is None else self.max_wait_s
 
 
 @dataclass(frozen=True, slots=True)
@@ -168,7 +177,13 @@ class ModelQueue:
     def _room_for(self, user: str) -> bool:
         if self.in_flight < self.policy.max_concurrent and not self.depth:
             return True
+        if self._expected_wait_s() > self.policy.wait_bound_s:
+            return False
         return self.depth < self.policy.max_queue or self._victim(user) is not None
+
+    def _expected_wait_s(self) -> float:
+        """A newcomer's likely wait: 0 until a slot hold time has been measured."""
+        return self._hold_s * (self.depth + 1) / max(1, self.policy.max_concurrent)
 
     def _victim(self, user: str) -> str | None:
         """A user whose newest waiter may give its place to `user` (fair share of places)."""
@@ -252,8 +267,7 @@ class ModelQueue:
 
     def _retry_after(self) -> float:
         """When a place is likely: the average hold time per slot for everyone ahead."""
-        ahead = (self.depth + 1) / max(1, self.policy.max_concurrent)
-        estimate = self._hold_s * ahead if self._hold_s else 1.0
+        estimate = self._expected_wait_s() or 1.0
         return min(max(estimate, 1.0), self.policy.queue_timeout_s)
 
     def _changed(self) -> None:

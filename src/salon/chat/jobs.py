@@ -13,7 +13,7 @@ import asyncio
 import bisect
 import logging
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Coroutine
 from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Any
@@ -27,7 +27,7 @@ from salon.domain import CompletionRequest, MessageStatus, StreamEvent, TextDelt
 from salon.errors import SalonError
 from salon.personalization.checks import CheckResult
 from salon.personalization.enforce import StreamEnforcer
-from salon.store.conversations import ConversationStore
+from salon.store.conversations import Checkpoint, ConversationStore
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +53,8 @@ class Ended:
 JobEvent = Delta | Ended
 # Starts a revision of a finished answer that failed checks; returns its message id.
 Revise = Callable[["GenerationJob", list[CheckResult]], Awaitable[int | None]]
+# Publishes a job's events after the given offset to other nodes, until it ends.
+Publish = Callable[["GenerationJob", int], Coroutine[Any, Any, None]]
 
 
 LOOP_NOTE = "The model kept repeating itself, so salon stopped this answer."
@@ -155,6 +157,7 @@ class JobRunner:
         flush_interval_s: float,
         clock: Clock,
         admission: Admission | None = None,
+        publish: Publish | None = None,
     ) -> None:
         self._store = store
         self._flush_interval_s = flush_interval_s
@@ -162,6 +165,9 @@ class JobRunner:
         self._jobs: dict[int, GenerationJob] = {}
         # Without it (tests, tools) a job generates at once, unlimited.
         self._admission = admission
+        # Streams each job to followers on other nodes (chat/relay.py), when there are any.
+        self._publish = publish
+        self._publishing: set[asyncio.Task[None]] = set()
 
     def get(self, message_id: int) -> GenerationJob | None:
         return self._jobs.get(message_id)
@@ -197,6 +203,10 @@ class JobRunner:
         job.task = asyncio.create_task(
             self._run(job, route, request, recovery, enforcement, revise), name=f"job-{message_id}"
         )
+        if self._publish is not None:
+            publishing = asyncio.create_task(self._publish(job, len(initial_text)))
+            self._publishing.add(publishing)
+            publishing.add_done_callback(self._publishing.discard)
         return job
 
     async def stop(self, message_id: int, status: MessageStatus = MessageStatus.STOPPED) -> bool:
@@ -219,6 +229,8 @@ class JobRunner:
         """Whatever is still running when the process stops is kept, marked incomplete."""
         for message_id in list(self._jobs):
             await self.stop(message_id, MessageStatus.INCOMPLETE)
+        if self._publishing:  # their last events, for followers on other nodes
+            await asyncio.wait(self._publishing, timeout=1.0)
 
     async def _run(
         self,
@@ -245,6 +257,10 @@ class JobRunner:
             await self._finish(job, MessageStatus.COMPLETE, usage=usage)
         except asyncio.CancelledError:
             await self._finish(job, job.cancel_status)
+        except SettledElsewhere:
+            # Stopped through another node, or this node was taken for dead: the row's
+            # status stands (`_finish` keeps it) and the text generated so far is added.
+            await self._finish(job, MessageStatus.STOPPED)
         except SalonError as exc:
             await self._finish(job, MessageStatus.ERROR, error=exc.message, code=exc.code)
         except Exception:
@@ -341,7 +357,11 @@ class JobRunner:
                         break
                     if time.monotonic() - last_flush >= self._flush_interval_s:
                         last_flush = time.monotonic()
-                        await self._store.update_content(job.message_id, job.text(), self._clock())
+                        saved = await self._store.update_content(
+                            job.message_id, job.text(), self._clock()
+                        )
+                        if saved is Checkpoint.SETTLED:
+                            raise SettledElsewhere
                 else:
                     usage = event.usage
         finally:
@@ -364,7 +384,7 @@ class JobRunner:
         # reads the final state from the store.
         job.usage = usage
         try:
-            await asyncio.shield(
+            settled_here = await asyncio.shield(
                 self._store.finish(
                     job.message_id,
                     content=job.text(),
@@ -376,8 +396,14 @@ class JobRunner:
                     personalization=job.personalization,
                 )
             )
+            if not settled_here:
+                status, error, code = await self._store.status(job.message_id), None, None
         finally:
             job.end(status, error, code)
+
+
+class SettledElsewhere(Exception):
+    """The job's message row was settled by another node (see store/nodes.py)."""
 
 
 class _End:

@@ -7,6 +7,7 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from contextlib import AsyncExitStack
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -14,8 +15,9 @@ from typing import Any
 from salon.backends.base import complete
 from salon.backends.registry import BackendRegistry, ModelRoute
 from salon.chat.admission import Admission, Caller
-from salon.chat.jobs import Clock, Delta, Ended, GenerationJob, JobEvent, JobRunner
+from salon.chat.jobs import Clock, Ended, GenerationJob, JobEvent, JobRunner
 from salon.chat.personal import Enforcement, with_repair
+from salon.chat.relay import Catching, channel
 from salon.chat.safety import GateVerdict, Recovery, SafetyGate
 from salon.domain import ChatMessage, CompletionRequest, MessageStatus, SamplingParams
 from salon.errors import Conflict, InvalidRequest
@@ -23,6 +25,7 @@ from salon.personalization.checks import CheckResult
 from salon.personalization.memory import Change
 from salon.personalization.service import Conversationish, Personalizer
 from salon.personalization.stack import TurnContext
+from salon.store.broadcast import Broadcast, BroadcastUnavailable, Subscription
 from salon.store.conversations import (
     ConversationRecord,
     ConversationStore,
@@ -40,6 +43,9 @@ EXTRACTION_PARAMS = SamplingParams(max_tokens=200, temperature=0.0)
 # How far back the context reaches; a budget in characters keeps the prompt in bounds
 # without a tokenizer round-trip (≈ 3–4 characters per token).
 CONTEXT_MESSAGES = 200
+# A follower reading another node's generation live checks the store after this much silence
+# (the job may have ended without its last event reaching here, or its node may have died).
+LIVE_SILENCE_S = 2.0
 RESTARTABLE = {MessageStatus.INCOMPLETE, MessageStatus.STOPPED, MessageStatus.ERROR}
 
 
@@ -85,6 +91,7 @@ class ChatService:
         safety: SafetyGate | None = None,
         personalizer: Personalizer | None = None,
         admission: Admission | None = None,
+        broadcast: Broadcast | None = None,
     ) -> None:
         self._store = store
         self._registry = registry
@@ -101,6 +108,8 @@ class ChatService:
         self._starting = 0  # turns between their start and their job's
         # Rate limits, quotas and queue room, checked before a turn stores anything.
         self._admission = admission
+        # Joins the nodes: a follower here gets another node's generation live.
+        self._broadcast = broadcast
 
     # -- conversations -------------------------------------------------------------------
 
@@ -327,15 +336,9 @@ class ChatService:
         message = await self._assistant(user_id, message_id)
         stopped = await self._runner.stop(message_id)
         if not stopped and message.status == MessageStatus.STREAMING:
-            # Its job runs nowhere we can reach (a process that died): settle it here.
-            await self._store.finish(
-                message_id,
-                content=message.content,
-                status=MessageStatus.STOPPED,
-                error=None,
-                usage=None,
-                now=self._clock(),
-            )
+            # Its job runs on another node, or on none (a process that died): settled here,
+            # and a node that still runs it stops at its next checkpoint.
+            await self._store.settle(message_id, MessageStatus.STOPPED, self._clock())
         return await self._store.message(user_id, message_id)
 
     # -- following a generation ----------------------------------------------------------
@@ -356,26 +359,46 @@ class ChatService:
             yield event
 
     async def _follow_store(self, message: MessageRecord, have: int) -> AsyncIterator[JobEvent]:
-        """A generation this process does not run: the store tells how it goes."""
-        idle_since = self._clock()
-        while True:
-            if len(message.content) > have:
-                yield Delta(len(message.content), message.content[have:])
-                have = len(message.content)
-                idle_since = self._clock()
-            if message.status != MessageStatus.STREAMING:
-                yield Ended(have, message.status, message.error, None)
-                return
-            if self._clock() - idle_since > timedelta(seconds=self._limits.orphan_timeout_s):
-                yield Ended(have, MessageStatus.INCOMPLETE, "the generation was lost", None)
-                return
-            await asyncio.sleep(self._limits.poll_interval_s)
-            message = await self._store.message(message.user_id, message.id)
-            job = self._runner.get(message.id)
-            if job is not None:  # continued here meanwhile
-                async for event in job.follow(have):
-                    yield event
-                return
+        """A generation this process does not run: live from the node that runs it when a
+        broadcast joins the nodes (chat/relay.py), and from the store, which tells how it
+        goes in any case."""
+        async with AsyncExitStack() as stack:
+            position = Catching(have, await self._subscribe(stack, message.id))
+            idle_since = self._clock()
+            while True:
+                if (caught := position.join(message.content)) is not None:
+                    yield caught
+                    idle_since = self._clock()
+                if message.status != MessageStatus.STREAMING:
+                    yield Ended(position.have, message.status, message.error, None)
+                    return
+                if self._clock() - idle_since > timedelta(seconds=self._limits.orphan_timeout_s):
+                    lost = "the generation was lost"
+                    yield Ended(position.have, MessageStatus.INCOMPLETE, lost, None)
+                    return
+                if position.live is None:
+                    await asyncio.sleep(self._limits.poll_interval_s)
+                else:
+                    try:
+                        async for delta in position.deltas(LIVE_SILENCE_S):
+                            yield delta
+                            idle_since = self._clock()
+                    except BroadcastUnavailable:
+                        position.live = None
+                message = await self._store.message(message.user_id, message.id)
+                job = self._runner.get(message.id)
+                if job is not None:  # continued here meanwhile
+                    async for event in job.follow(position.have):
+                        yield event
+                    return
+
+    async def _subscribe(self, stack: AsyncExitStack, message_id: int) -> Subscription | None:
+        if self._broadcast is None:
+            return None
+        try:
+            return await stack.enter_async_context(self._broadcast.subscribe(channel(message_id)))
+        except BroadcastUnavailable:
+            return None
 
     async def message(self, user_id: str, message_id: int) -> MessageRecord:
         return await self._store.message(user_id, message_id)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import enum
 import logging
 import time
 from collections.abc import Iterable, Sequence
@@ -113,9 +114,23 @@ def _like(text: str) -> str:
     return f"%{escaped}%"
 
 
+class Checkpoint(enum.Enum):
+    """How writing a running generation's text went."""
+
+    WRITTEN = "written"
+    # The database is unavailable: the text is still in memory and the next checkpoint (or
+    # `finish`) writes all of it, so a database restart does not end the generation.
+    SKIPPED = "skipped"
+    # The row is no longer this node's running generation: the user stopped it through
+    # another node, or this node was taken for dead. The generation should end now.
+    SETTLED = "settled"
+
+
 class ConversationStore:
-    def __init__(self, engine: AsyncEngine) -> None:
+    def __init__(self, engine: AsyncEngine, node: str = "local") -> None:
         self._engine = engine
+        # This process's node name: stamped on the generations it runs (store/nodes.py).
+        self.node = node
         self._skipped_logged_at = float("-inf")
 
     # -- conversations -------------------------------------------------------------------
@@ -234,6 +249,7 @@ class ConversationStore:
                         status=item.status.value,
                         model=item.model,
                         safety=item.safety,
+                        node=self.node if item.status == MessageStatus.STREAMING else None,
                         created_at=now,
                         updated_at=now,
                     )
@@ -349,23 +365,28 @@ class ConversationStore:
             row = (await conn.execute(messages.select().where(m.id == newest))).first()
         return _message(row) if row else top
 
-    async def update_content(self, message_id: int, content: str, now: datetime) -> bool:
-        """A checkpoint of a running generation: its whole text so far. False when the
-        database is unavailable: the text is still in memory and the next checkpoint (or
-        `finish`) writes all of it, so a database restart does not end the generation."""
+    async def update_content(self, message_id: int, content: str, now: datetime) -> Checkpoint:
+        """A checkpoint of a running generation of this node: its whole text so far."""
         try:
             async with self._engine.begin() as conn:
-                await conn.execute(
+                result = await conn.execute(
                     messages.update()
-                    .where(messages.c.id == message_id)
+                    .where(self._running_here(message_id))
                     .values(content=content, updated_at=now)
                 )
         except DATABASE_ERRORS as exc:
             if not database_unavailable(exc):
                 raise
             self._checkpoint_skipped()
-            return False
-        return True
+            return Checkpoint.SKIPPED
+        return Checkpoint.WRITTEN if result.rowcount else Checkpoint.SETTLED
+
+    def _running_here(self, message_id: int) -> sa.ColumnElement[bool]:
+        return sa.and_(
+            messages.c.id == message_id,
+            messages.c.status == MessageStatus.STREAMING.value,
+            messages.c.node == self.node,
+        )
 
     def _checkpoint_skipped(self) -> None:
         # Every running generation checkpoints several times a second: one line per 5 s.
@@ -385,13 +406,11 @@ class ConversationStore:
         now: datetime,
         safety: dict[str, Any] | None = None,
         personalization: dict[str, Any] | None = None,
-    ) -> None:
-        values: dict[str, Any] = {
-            "content": content,
-            "status": status.value,
-            "error": error,
-            "updated_at": now,
-        }
+    ) -> bool:
+        """The final state of a generation this node runs. False when the row was settled
+        elsewhere meanwhile (stopped through another node): then only the text and usage
+        are written, and the status that was set there stays."""
+        values: dict[str, Any] = {"content": content, "updated_at": now}
         if safety is not None:
             values["safety"] = safety
         if personalization is not None:
@@ -399,23 +418,66 @@ class ConversationStore:
         if usage is not None:
             values["prompt_tokens"] = usage.prompt_tokens
             values["completion_tokens"] = usage.completion_tokens
+        settled = {"status": status.value, "error": error, "node": None}
 
-        async def write() -> None:
+        async def write() -> bool:
             async with self._engine.begin() as conn:
-                await conn.execute(
-                    messages.update().where(messages.c.id == message_id).values(**values)
+                result = await conn.execute(
+                    messages.update()
+                    .where(self._running_here(message_id))
+                    .values(**values, **settled)
                 )
+                if result.rowcount:
+                    return True
+                # Settled elsewhere; unless someone generates in it again (a continue).
+                await conn.execute(
+                    messages.update()
+                    .where(
+                        messages.c.id == message_id,
+                        messages.c.status != MessageStatus.STREAMING.value,
+                    )
+                    .values(**values)
+                )
+                return False
 
-        await while_unavailable(write, FINISH_RETRY_S, what=f"finishing message {message_id}")
+        return await while_unavailable(
+            write, FINISH_RETRY_S, what=f"finishing message {message_id}"
+        )
 
     async def restart(self, message_id: int, now: datetime) -> None:
-        """Mark an assistant message as generating again (continue / retry in place)."""
+        """Mark an assistant message as generating again, here (continue / retry in place)."""
         async with self._engine.begin() as conn:
             await conn.execute(
                 messages.update()
                 .where(messages.c.id == message_id)
-                .values(status=MessageStatus.STREAMING.value, error=None, updated_at=now)
+                .values(
+                    status=MessageStatus.STREAMING.value, error=None, node=self.node, updated_at=now
+                )
             )
+
+    async def status(self, message_id: int) -> MessageStatus:
+        async with self._engine.connect() as conn:
+            value = await conn.scalar(
+                sa.select(messages.c.status).where(messages.c.id == message_id)
+            )
+        if value is None:
+            raise NotFound("no such message")
+        return MessageStatus(value)
+
+    async def settle(self, message_id: int, status: MessageStatus, now: datetime) -> bool:
+        """End a generation that runs on no node this process can reach, keeping its last
+        checkpoint. Its node, if it still runs it, sees at its next checkpoint that the row
+        is settled and stops. False when it had ended already."""
+        async with self._engine.begin() as conn:
+            result = await conn.execute(
+                messages.update()
+                .where(
+                    messages.c.id == message_id,
+                    messages.c.status == MessageStatus.STREAMING.value,
+                )
+                .values(status=status.value, node=None, updated_at=now)
+            )
+        return bool(result.rowcount)
 
     async def safety_summary(self, since: datetime) -> list[tuple[str, int, dict[str, int]]]:
         """Per model, since `since`: how many answers, and how many of them the safety
@@ -439,13 +501,16 @@ class ConversationStore:
             ]
 
     async def mark_interrupted(self) -> int:
-        """At start-up: generations that were running when the process died are kept,
-        marked incomplete."""
+        """At start-up: the generations this node ran when its last process died are kept,
+        marked incomplete (other nodes' are theirs, or the sweep's: store/nodes.py)."""
         async with self._engine.begin() as conn:
             result = await conn.execute(
                 messages.update()
-                .where(messages.c.status == MessageStatus.STREAMING.value)
-                .values(status=MessageStatus.INCOMPLETE.value)
+                .where(
+                    messages.c.status == MessageStatus.STREAMING.value,
+                    sa.or_(messages.c.node == self.node, messages.c.node.is_(None)),
+                )
+                .values(status=MessageStatus.INCOMPLETE.value, node=None)
             )
         return int(result.rowcount or 0)
 

@@ -96,7 +96,7 @@ class RedisCounters:
         fallback: InMemoryCounters | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        self._client = _client(url, timeout_s)
+        self._client = redis_client(url, timeout_s)
         self._url = url
         self._prefix = prefix
         self._deadline_s = 2 * timeout_s  # connect + command, whatever the socket does
@@ -149,7 +149,7 @@ class RedisCounters:
         if not self.degraded:
             log.warning(
                 "Redis at %s failed (%s); counting limits in this process for %.0f s",
-                _safe(self._url),
+                safe_url(self._url),
                 type(exc).__name__,
                 self._backoff_s,
             )
@@ -157,7 +157,7 @@ class RedisCounters:
 
     def _recovered(self) -> None:
         if self._down_until:
-            log.warning("Redis at %s is back; limits are shared again", _safe(self._url))
+            log.warning("Redis at %s is back; limits are shared again", safe_url(self._url))
             self._down_until = 0.0
 
     async def close(self) -> None:
@@ -168,7 +168,7 @@ class RedisCounters:
             log.debug("closing the Redis client failed", exc_info=True)
 
 
-def _client(url: str, timeout_s: float) -> Redis:
+def redis_client(url: str, timeout_s: float) -> Redis:
     try:
         from redis.asyncio import Redis
         from redis.asyncio.retry import Retry
@@ -185,7 +185,7 @@ def _client(url: str, timeout_s: float) -> Redis:
     )
 
 
-def _safe(url: str) -> str:
+def safe_url(url: str) -> str:
     """The URL without a password, for logs."""
     scheme, sep, rest = url.partition("://")
     if "@" in rest:

@@ -119,10 +119,22 @@ messages = sa.Table(
     # What personalization enforcement found and did: {"checks": [...], "fixes": [...],
     # "revision_of": id?}; None when no checkable setting was active.
     sa.Column("personalization", sa.JSON, nullable=True),
+    # The salon node (process) that runs this message's generation while it is `streaming`:
+    # only that node writes its text, and a node that stops beating gives its rows up.
+    sa.Column("node", sa.String(200), nullable=True),
     sa.Column("created_at", Timestamp, nullable=False),
     sa.Column("updated_at", Timestamp, nullable=False),
     sa.Index("ix_messages_conversation_parent", "conversation_id", "parent_id"),
     sa.Index("ix_messages_status", "status"),
+)
+
+
+# The salon nodes sharing this database, each with its last heartbeat (store/nodes.py).
+nodes = sa.Table(
+    "nodes",
+    metadata,
+    sa.Column("name", sa.String(200), primary_key=True),
+    sa.Column("heartbeat_at", Timestamp, nullable=False),
 )
 
 
