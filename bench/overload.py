@@ -252,7 +252,8 @@ def section(
 Admission control at and beyond a model's capacity. The mock upstream holds every stream
 about {hold:.0f} ms (first token after {args.ttft_ms:g} ms, then {args.chunks} chunks
 {args.delay_ms:g} ms apart); salon (`salon serve`, one worker, SQLite) lets
-{args.slots} streams generate at once (`limits.max_concurrent`) and {_waiting(args)}, so its capacity is
+{args.slots} streams generate at once (`limits.max_concurrent`) and {_waiting(args)},
+so its capacity is
 {args.slots} / {hold / 1000:.3f} s = {capacity:.1f} streams/s. Unloaded: {args.unloaded}
 streams one after the other. Each load level: open-loop Poisson arrivals at that multiple
 of capacity for {args.duration:g} s, from one aiohttp client (uvloop) on the same machine.
