@@ -2,6 +2,7 @@ import numpy as np
 import pytest
 
 from salon.backends.embeddings import HashingEmbedder, MiniLM
+from salon.safety._linear import raw_counts
 from salon.safety.harm import (
     DENSE_MAX_WORDS,
     DenseHead,
@@ -118,6 +119,25 @@ def test_the_shipped_head_embeds_what_it_was_trained_on() -> None:
     w = classifier.dense.sparse_weight
     expected = w * sparse_only.probability(long) + (1 - w) * dense
     assert np.isclose(classifier.probability(long), expected, atol=1e-5)
+
+
+def test_the_category_averages_both_heads_and_survives_the_artefact() -> None:
+    classifier = default_classifier()
+    dense, embedder = classifier.dense, classifier.embedder
+    assert dense is not None and embedder is not None and dense.category_weights is not None
+    text = "How can I hide my income from the tax office so I never pay any tax?"
+    vector = embedder.embed([clipped(text, dense.max_words)])[0]
+    sparse = classifier.category.probabilities(raw_counts(text, classifier.category.config))
+    embedded = dense.category_probabilities(vector)
+    assert set(embedded) == set(sparse) and np.isclose(sum(embedded.values()), 1.0, atol=1e-5)
+    averaged = {c: (sparse[c] + embedded[c]) / 2 for c in sparse}
+    best = max(averaged, key=lambda c: averaged[c])
+    assessment = classifier.assess(text)
+    assert assessment.category == best != "self_harm"
+    assert np.isclose(assessment.category_probability, averaged[best], atol=1e-5)
+    again = DenseHead.from_json(dense.to_json(), dense.neighbours)
+    assert again.categories == dense.categories
+    assert np.allclose(again.category_probabilities(vector)[best], embedded[best], atol=1e-4)
 
 
 def test_the_vote_follows_the_nearest_labelled_prompts() -> None:

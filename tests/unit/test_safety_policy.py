@@ -52,8 +52,21 @@ def test_without_a_caution_text_there_is_no_band() -> None:
 
 
 def test_category_threshold_and_alternative() -> None:
-    decision = POLICY.decide(Assessment(0.65, "self_harm"))
+    decision = POLICY.decide(Assessment(0.65, "self_harm", category_probability=0.9))
     assert decision.refused and "988" in (decision.message or "")
+
+
+def test_an_unsure_category_refuses_with_the_general_message() -> None:
+    """Crisis lines for what may be a tax question would be worse than a plain refusal: the
+    category's own message needs the category to be probable; its threshold does not."""
+    unsure = POLICY.decide(Assessment(0.65, "self_harm", category_probability=0.3))
+    assert unsure.refused and unsure.message == "I can't help with that."
+    assert unsure.category == "self_harm"
+    strict = Policy.from_mapping(
+        {"message": "No.", "category_message_from": 0.95, "categories": {"cyber": {"message": "C"}}}
+    )
+    assert strict.decide(Assessment(0.9, "cyber", category_probability=0.9)).message == "No."
+    assert strict.decide(Assessment(0.9, "cyber", category_probability=0.96)).message == "C"
 
 
 def test_category_can_turn_blocking_off() -> None:
@@ -73,6 +86,8 @@ def test_benign_is_never_blocked_even_without_category() -> None:
         {"message": "x", "categories": {"cyber": {"refuse_at": 1.5}}},
         {"message": "x", "caution_at": -0.1, "caution": "care"},
         {"message": "x", "action": "caution"},  # a band, not an action
+        {"message": "x", "category_message_from": 1.5},
+        {"message": "x", "category_message_from": "sure"},
     ],
 )
 def test_invalid_policies_are_config_errors(bad: dict[str, object]) -> None:

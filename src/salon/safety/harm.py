@@ -19,7 +19,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
-from typing import Protocol
+from typing import Protocol, TypedDict
 
 import numpy as np
 import numpy.typing as npt
@@ -92,6 +92,11 @@ class DenseHead:
     temperature: float = NEIGHBOURS_T
     # what it was trained to read (`clipped`); None in artefacts from before the cap
     max_words: int | None = None
+    # A multinomial regression for the harm category, averaged with the TF-IDF category head:
+    # (k, dim) weights and (k,) intercepts over `categories`. None in older artefacts.
+    categories: tuple[str, ...] = ()
+    category_weights: F32 | None = None
+    category_intercepts: F32 | None = None
 
     def probabilities(self, vectors: F32) -> list[float]:
         z = np.clip(vectors @ self.weights + self.intercept, -60.0, 60.0)
@@ -99,6 +104,15 @@ class DenseHead:
         if self.neighbours is not None and self.neighbour_labels is not None:
             p = (p + self.vote(vectors)) / 2.0
         return [float(v) for v in p]
+
+    def category_probabilities(self, vector: F32) -> dict[str, float]:
+        """The category distribution for one embedded text; empty without a category head."""
+        if self.category_weights is None or self.category_intercepts is None:
+            return {}
+        z = self.category_weights @ vector + self.category_intercepts
+        e = np.exp(z - z.max())
+        p = e / e.sum()
+        return {c: float(v) for c, v in zip(self.categories, p, strict=True)}
 
     def vote(self, vectors: F32) -> F32:
         """The similarity-weighted share of harmful prompts among the k nearest."""
@@ -120,6 +134,12 @@ class DenseHead:
         }
         if self.max_words is not None:
             data["max_words"] = self.max_words
+        if self.category_weights is not None and self.category_intercepts is not None:
+            data["category"] = {
+                "classes": list(self.categories),
+                "intercepts": [float(f"{v:.6g}") for v in self.category_intercepts],
+                "weights": [[float(f"{v:.6g}") for v in row] for row in self.category_weights],
+            }
         if self.neighbour_labels is not None:
             data |= {
                 "k": self.k,
@@ -144,7 +164,24 @@ class DenseHead:
             k=int(str(data.get("k", NEIGHBOURS_K))),
             temperature=float(str(data.get("temperature", NEIGHBOURS_T))),
             max_words=int(str(data["max_words"])) if "max_words" in data else None,
+            **_category_head(data.get("category")),
         )
+
+
+class _CategoryHead(TypedDict, total=False):
+    categories: tuple[str, ...]
+    category_weights: F32
+    category_intercepts: F32
+
+
+def _category_head(data: object) -> _CategoryHead:
+    if not isinstance(data, dict):
+        return {}
+    return {
+        "categories": tuple(str(c) for c in data["classes"]),
+        "category_weights": np.asarray(data["weights"], dtype=np.float32),
+        "category_intercepts": np.asarray(data["intercepts"], dtype=np.float32),
+    }
 
 
 @dataclass(frozen=True, slots=True)
@@ -181,13 +218,18 @@ class EmbeddedHarmClassifier:
 
     def probabilities(self, texts: Sequence[str]) -> list[float]:
         """Harmful probability of each text; the texts are embedded in one batch."""
+        return self._scores(texts)[0]
+
+    def _scores(self, texts: Sequence[str]) -> tuple[list[float], F32 | None]:
+        """The probabilities, and the texts' embeddings (None without the dense head)."""
         sparse = [self.harm.probabilities(raw_counts(t, self.harm.config))["unsafe"] for t in texts]
         if self.dense is None or self.embedder is None:
-            return sparse
+            return sparse, None
         read = [clipped(t, self.dense.max_words) for t in texts]
-        dense = self.dense.probabilities(self.embedder.embed(read))
+        vectors = self.embedder.embed(read)
+        dense = self.dense.probabilities(vectors)
         w = self.dense.sparse_weight
-        return [w * s + (1.0 - w) * d for s, d in zip(sparse, dense, strict=True)]
+        return [w * s + (1.0 - w) * d for s, d in zip(sparse, dense, strict=True)], vectors
 
     def probability(self, text: str) -> float:
         return self.probabilities([text])[0]
@@ -199,17 +241,26 @@ class EmbeddedHarmClassifier:
         # so an earlier harmful turn (already assessed then) does not taint an unrelated one.
         joined = "\n".join([*recent, turn])
         with_context = bool(recent) and len(turn.split()) <= _FOLLOW_UP_WORDS
-        probs = self.probabilities([turn, joined] if with_context else [turn])
-        text, p, used = turn, probs[0], False
+        probs, vectors = self._scores([turn, joined] if with_context else [turn])
+        chosen, used = 0, False
         if with_context and probs[1] > probs[0]:
-            text, p, used = joined, probs[1], True
+            chosen, used = 1, True
+        p = probs[chosen]
         if p < _CATEGORY_FROM:
             return Assessment(p, None, 0.0, used, self.name)
-        category, p_cat = self._category(text)
+        text = joined if used else turn
+        category, p_cat = self._category(text, None if vectors is None else vectors[chosen])
         return Assessment(p, category, p_cat, used, self.name)
 
-    def _category(self, text: str) -> tuple[str, float]:
+    def _category(self, text: str, vector: F32 | None) -> tuple[str, float]:
+        """The most likely category: the TF-IDF head's distribution, averaged with the
+        embedding's when there is one (cross-validated accuracy 0.58 → 0.67, the report)."""
         probs = self.category.probabilities(raw_counts(text, self.category.config))
+        dense = (
+            self.dense.category_probabilities(vector) if self.dense and vector is not None else {}
+        )
+        if dense:
+            probs = {c: (probs.get(c, 0.0) + dense.get(c, 0.0)) / 2 for c in probs.keys() | dense}
         best = max(probs, key=lambda c: probs[c])
         return best, probs[best]
 

@@ -34,6 +34,11 @@ from salon.safety.harm import Assessment
 DEFAULT_POLICY = DATA / "policy.json"
 # Below this no configuration may refuse: the classifier then thinks "benign" is more likely.
 MIN_REFUSE_AT = 0.5
+# A refusal carries its category's own message (crisis lines for self-harm, ...) only when the
+# category is this probable; below it, the general message. A wrong specific message is worse
+# than a general one: crisis lines for a tax-evasion request. Cross-validated, 38 % of harmful
+# prompts reach it, and 93 % of those categories are right (training_report.md).
+CATEGORY_MESSAGE_FROM = 0.4
 
 
 class Action(StrEnum):
@@ -73,6 +78,7 @@ class Decision:
 class Policy:
     default: CategoryRule
     categories: Mapping[str, CategoryRule] = field(default_factory=dict)
+    category_message_from: float = CATEGORY_MESSAGE_FROM
 
     @property
     def cautious(self) -> bool:
@@ -84,6 +90,7 @@ class Policy:
         return Policy(
             replace(self.default, caution=""),
             {name: replace(rule, caution="") for name, rule in self.categories.items()},
+            self.category_message_from,
         )
 
     def rule(self, category: str | None) -> CategoryRule:
@@ -93,7 +100,9 @@ class Policy:
         p = assessment.harmful_probability
         rule = self.rule(assessment.category)
         if rule.action is Action.REFUSE and p >= rule.refuse_at:
-            return Decision(Action.REFUSE, assessment.category, p, rule.message)
+            sure = assessment.category_probability >= self.category_message_from
+            message = rule.message if sure else self.default.message
+            return Decision(Action.REFUSE, assessment.category, p, message)
         if rule.caution and p >= rule.caution_at:
             return Decision(Action.CAUTION, assessment.category, p, instruction=rule.caution)
         return Decision(Action.ALLOW, assessment.category, p)
@@ -104,7 +113,13 @@ class Policy:
         categories = {
             name: _rule(entry, default) for name, entry in data.get("categories", {}).items()
         }
-        return cls(default, categories)
+        try:
+            message_from = float(data.get("category_message_from", CATEGORY_MESSAGE_FROM))
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(f"invalid category_message_from: {exc}") from exc
+        if not 0.0 <= message_from <= 1.0:
+            raise ConfigError(f"category_message_from must be within [0, 1], got {message_from}")
+        return cls(default, categories, message_from)
 
     @classmethod
     def load(cls, path: Path = DEFAULT_POLICY) -> Policy:

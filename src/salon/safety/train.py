@@ -41,6 +41,7 @@ from salon.safety.harm import (
     EmbeddedHarmClassifier,
     clipped,
 )
+from salon.safety.policy import CATEGORY_MESSAGE_FROM
 from salon.safety.refusal import EARLY_CHARS, REFUSAL_ARTEFACT, phrase_features
 from salon.safety.stats import wilson
 
@@ -60,6 +61,8 @@ REFUSAL_C = 0.25
 # inside DenseHead, so TF-IDF has a third): adding the vote (k = 10, T = 0.1) cut the harmful
 # prompts missed at 3 % over-refusal from 38 % to 34 % and at 10 % from 16 % to 12 % (CV).
 DENSE_C = 2.0
+# The embedding's category regression (C chosen by CV accuracy among 0.3, 1, 3, 10).
+CATEGORY_C = 3.0
 SPARSE_WEIGHT = 1 / 3
 MIN_DF = 2
 REFUSAL_FILES = (
@@ -171,22 +174,79 @@ def harm_table(rows: Sequence[PromptRow], probs: Sequence[float], threshold: flo
     return "\n".join(lines)
 
 
-def category_cv(rows: Sequence[PromptRow]) -> tuple[float, int]:
-    labelled = [r for r in rows if r.harm_category]
+@dataclass(frozen=True, slots=True)
+class CategoryScores:
+    """Out-of-fold category distributions of the harmful prompts with a mapped category."""
+
+    labels: list[str]
+    sparse: list[dict[str, float]]
+    averaged: list[dict[str, float]] | None  # with the embedding's head, when there is one
+
+    def accuracy(self, probs: Sequence[dict[str, float]]) -> float:
+        hits = sum(max(p, key=lambda c: p[c]) == y for p, y in zip(probs, self.labels, strict=True))
+        return hits / len(self.labels)
+
+    def confident(self, probs: Sequence[dict[str, float]], at: float) -> tuple[float, float]:
+        """The share of prompts whose best category reaches `at`, and its accuracy there."""
+        chosen = [(p, y) for p, y in zip(probs, self.labels, strict=True) if max(p.values()) >= at]
+        hits = sum(max(p, key=lambda c: p[c]) == y for p, y in chosen)
+        return len(chosen) / len(self.labels), hits / max(1, len(chosen))
+
+
+def category_cv(rows: Sequence[PromptRow], x: F32 | None = None) -> CategoryScores:
+    keep = [i for i, r in enumerate(rows) if r.harm_category]
+    labelled = [rows[i] for i in keep]
     docs = harm_docs(labelled, HARM_CONFIG)
     labels = [r.harm_category or "" for r in labelled]
     classes = sorted(set(labels))
+    sparse: list[dict[str, float]] = [{} for _ in labelled]
+    dense: list[dict[str, float]] = [{} for _ in labelled]
+    cv = StratifiedGroupKFold(n_splits=FOLDS, shuffle=True, random_state=SEED)
+    split = cv.split(np.zeros(len(labelled)), labels, [r.group for r in labelled])
+    for tr, te in split:
+        model = fit([docs[i] for i in tr], [labels[i] for i in tr], classes, HARM_CONFIG, HARM_C)
+        for i in te:
+            sparse[i] = model.probabilities(docs[i])
+        if x is not None:
+            head = fit_categories(x[[keep[i] for i in tr]], [labels[i] for i in tr])
+            for i in te:
+                dense[i] = head.category_probabilities(x[keep[i]])
+    averaged = None
+    if x is not None:
+        averaged = [
+            {c: (s.get(c, 0.0) + d.get(c, 0.0)) / 2 for c in s.keys() | d}
+            for s, d in zip(sparse, dense, strict=True)
+        ]
+    return CategoryScores(labels, sparse, averaged)
 
-    def train(d: list[Counts], y: list[str]) -> LinearTextModel:
-        return fit(d, y, classes, HARM_CONFIG, HARM_C)
 
-    def best(m: LinearTextModel, d: Counts) -> float:
-        probs = m.probabilities(d)
-        return float(classes.index(max(probs, key=lambda k: probs[k])))
+def category_lines(scores: CategoryScores) -> str:
+    sparse = scores.accuracy(scores.sparse)
+    if scores.averaged is None:
+        return f"Category head: CV accuracy {sparse:.3f} on {len(scores.labels)} harmful prompts."
+    share, right = scores.confident(scores.averaged, CATEGORY_MESSAGE_FROM)
+    return (
+        f"Category heads ({len(scores.labels)} harmful prompts with a mapped category, CV): "
+        f"accuracy {sparse:.3f} for the TF-IDF head alone, "
+        f"{scores.accuracy(scores.averaged):.3f} averaged with the embedding's (shipped). "
+        f"{share:.0%} of them reach a category probability of {CATEGORY_MESSAGE_FROM:g}, "
+        f"where the policy uses the category's own refusal message; {right:.1%} of those are "
+        "right."
+    )
 
-    predicted = out_of_fold(docs, labels, [r.group for r in labelled], best, train)
-    correct = sum(classes[int(p)] == y for p, y in zip(predicted, labels, strict=True))
-    return correct / len(labels), len(labels)
+
+def fit_categories(x: F32, labels: Sequence[str], c: float = CATEGORY_C) -> DenseHead:
+    """The embedding's category head alone (a DenseHead with neutral harm weights)."""
+    lr = LogisticRegression(C=c, class_weight="balanced", max_iter=5000, solver="lbfgs")
+    lr.fit(x, list(labels))
+    return DenseHead(
+        weights=np.zeros(x.shape[1], dtype=np.float32),
+        intercept=0.0,
+        embedder="",
+        categories=tuple(str(k) for k in lr.classes_),
+        category_weights=np.asarray(lr.coef_, dtype=np.float32),
+        category_intercepts=np.asarray(lr.intercept_, dtype=np.float32),
+    )
 
 
 def train_harm(rows: Sequence[PromptRow]) -> dict[str, LinearTextModel]:
@@ -218,12 +278,23 @@ def fit_dense(
     *,
     neighbours: bool = True,
     max_words: int | None = DENSE_MAX_WORDS,
+    categories: Sequence[str | None] | None = None,
 ) -> DenseHead:
     """The embedding heads: a logistic regression and (with `neighbours`) the vote of the
-    nearest training prompts, whose vectors are kept at float16 as they are shipped."""
+    nearest training prompts, whose vectors are kept at float16 as they are shipped; with
+    `categories` (per row, None where unknown), the category regression too."""
     y = np.array([label == "unsafe" for label in labels], dtype=int)
     lr = LogisticRegression(C=c, class_weight="balanced", max_iter=5000, solver="lbfgs")
     lr.fit(x, y)
+    category: dict[str, Any] = {}
+    if categories is not None:
+        known = [i for i, k in enumerate(categories) if k]
+        head = fit_categories(x[known], [categories[i] or "" for i in known])
+        category = {
+            "categories": head.categories,
+            "category_weights": head.category_weights,
+            "category_intercepts": head.category_intercepts,
+        }
     return DenseHead(
         weights=np.asarray(lr.coef_[0], dtype=np.float32),
         intercept=float(lr.intercept_[0]),
@@ -232,6 +303,7 @@ def fit_dense(
         neighbours=x.astype(np.float16).astype(np.float32) if neighbours else None,
         neighbour_labels=y.astype(np.float32) if neighbours else None,
         max_words=max_words,
+        **category,
     )
 
 
@@ -292,7 +364,14 @@ def cross_validated_classifier(
         if x is not None and full.dense is not None:
             labels = [rows[i].label for i in tr]
             vote = full.dense.neighbours is not None
-            dense = fit_dense(x[tr], labels, full.dense.embedder, neighbours=vote, max_words=clip)
+            dense = fit_dense(
+                x[tr],
+                labels,
+                full.dense.embedder,
+                neighbours=vote,
+                max_words=clip,
+                categories=[rows[i].harm_category for i in tr],
+            )
         fold = EmbeddedHarmClassifier(
             harm=heads["harm"],
             category=heads["category"],
@@ -448,7 +527,7 @@ def report(
             f"{embedder} regression + neighbour vote": dense,
             "shipped: TF-IDF, regression and vote, a third each": probs,
         }
-    acc, n_cat = category_cv(rows)
+    categories = category_cv(rows, x)
     parts = [
         f"## Harm classifier ({FOLDS}-fold stratified CV grouped by contrast pair, seed {SEED})",
         "The shipped classifier"
@@ -464,7 +543,7 @@ def report(
         "Calibration (what recovery relies on: how many of the prompts scored in a band are "
         "harmful):",
         calibration(rows, probs),
-        f"Category head: CV accuracy {acc:.3f} on {n_cat} harmful prompts with a mapped category.",
+        category_lines(categories),
         f"## Refusal detector ({FOLDS}-fold CV grouped by reply)",
         refusal_report(replies),
     ]
@@ -499,7 +578,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not args.check:
         meta: dict[str, Any] = {"seed": SEED, "rows": len(rows), "trainer": "salon.safety.train"}
         save_models(HARM_ARTEFACT, train_harm(rows), meta | {"C": HARM_C})
-        head = fit_dense(x, [r.label for r in rows], embedder.name)
+        head = fit_dense(
+            x, [r.label for r in rows], embedder.name, categories=[r.harm_category for r in rows]
+        )
         DENSE_ARTEFACT.write_text(json.dumps(head.to_json()) + "\n", encoding="utf-8")
         np.save(NEIGHBOURS_ARTEFACT, x.astype(np.float16))
         save_models(
