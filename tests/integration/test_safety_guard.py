@@ -412,7 +412,7 @@ async def test_the_v1_gateway_asks_the_guard_too(
 JUDGED = FakeHarmClassifier(
     {
         "zombie": (0.8, "violence"),
-        "lock": (0.6, "crime"),
+        "lock": (0.7, "crime"),
         "nerve agent": (0.95, "weapons"),
     }
 )
@@ -441,11 +441,11 @@ async def test_a_judge_is_averaged_with_the_embedded_verdict_both_ways(
         refused = await _ask(built, "how do I pick the lock of my neighbour's door")
     await backend.close()
     assert cleared["content"] == f"You said: {KILL_PROCESS}" and cleared["safety"] is None
-    # 0.5 * 0.6 + 0.5 * 0.96 = 0.78: refused, with the embedded classifier's category
+    # 0.5 * 0.7 + 0.5 * 0.96 = 0.83: refused, with the embedded classifier's category
     assert refused["safety"] == {
         "action": "blocked",
         "category": "crime",
-        "score": 0.78,
+        "score": 0.83,
         "classifier": "instruct",
     }
     sent = guard_server.requests[0]

@@ -26,7 +26,7 @@ import math
 import re
 import threading
 import zlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
@@ -119,7 +119,9 @@ def _l2_normalise(x: F32) -> F32:
 
 
 @dataclass(frozen=True, slots=True)
-class _Layer:
+class BertLayer:
+    """One transformer layer's weights, laid out for the numpy forward pass."""
+
     w_qkv: F32  # (hidden, 3*hidden): Q, K and V fused into one matmul
     b_qkv: F32
     w_out: F32
@@ -141,7 +143,7 @@ class _Bert:
     token_type0: F32
     ln_g: F32
     ln_b: F32
-    layers: tuple[_Layer, ...]
+    layers: tuple[BertLayer, ...]
     heads: int
     eps: float
 
@@ -152,13 +154,29 @@ def _load_bert(path: Path, config: dict[str, Any]) -> _Bert:
     raw = load_file(str(path))
     # Checkpoints saved from BertForX carry a "bert." prefix; the encoder is the same.
     w = {k.removeprefix("bert."): v.astype(np.float32, copy=False) for k, v in raw.items()}
+    layers = bert_layers(w, range(int(config["num_hidden_layers"])))
+    return _Bert(
+        word=w["embeddings.word_embeddings.weight"],
+        position=w["embeddings.position_embeddings.weight"],
+        token_type0=w["embeddings.token_type_embeddings.weight"][0],
+        ln_g=w["embeddings.LayerNorm.weight"],
+        ln_b=w["embeddings.LayerNorm.bias"],
+        layers=layers,
+        heads=int(config["num_attention_heads"]),
+        eps=float(config.get("layer_norm_eps", 1e-12)),
+    )
+
+
+def bert_layers(w: Mapping[str, F32], indices: Iterable[int]) -> tuple[BertLayer, ...]:
+    """Layers `indices` of a BERT encoder from its weights as torch names them
+    (`encoder.layer.{i}.…`, float32)."""
 
     def linear(prefix: str) -> tuple[F32, F32]:
         # torch stores (out, in); transpose once here so the forward pass is x @ W.
         return np.ascontiguousarray(w[f"{prefix}.weight"].T), w[f"{prefix}.bias"]
 
     layers = []
-    for i in range(int(config["num_hidden_layers"])):
+    for i in indices:
         p = f"encoder.layer.{i}"
         qw, qb = linear(f"{p}.attention.self.query")
         kw, kb = linear(f"{p}.attention.self.key")
@@ -167,7 +185,7 @@ def _load_bert(path: Path, config: dict[str, Any]) -> _Bert:
         iw, ib = linear(f"{p}.intermediate.dense")
         fw, fb = linear(f"{p}.output.dense")
         layers.append(
-            _Layer(
+            BertLayer(
                 w_qkv=np.ascontiguousarray(np.concatenate([qw, kw, vw], axis=1)),
                 b_qkv=np.concatenate([qb, kb, vb]),
                 w_out=ow,
@@ -182,19 +200,10 @@ def _load_bert(path: Path, config: dict[str, Any]) -> _Bert:
                 ln2_b=w[f"{p}.output.LayerNorm.bias"],
             )
         )
-    return _Bert(
-        word=w["embeddings.word_embeddings.weight"],
-        position=w["embeddings.position_embeddings.weight"],
-        token_type0=w["embeddings.token_type_embeddings.weight"][0],
-        ln_g=w["embeddings.LayerNorm.weight"],
-        ln_b=w["embeddings.LayerNorm.bias"],
-        layers=tuple(layers),
-        heads=int(config["num_attention_heads"]),
-        eps=float(config.get("layer_norm_eps", 1e-12)),
-    )
+    return tuple(layers)
 
 
-def _attention(x: F32, layer: _Layer, mask_add: F32, heads: int) -> F32:
+def _attention(x: F32, layer: BertLayer, mask_add: F32, heads: int) -> F32:
     b, n, hidden = x.shape
     hd = hidden // heads
     qkv = x.reshape(b * n, hidden) @ layer.w_qkv + layer.b_qkv
@@ -209,13 +218,16 @@ def _attention(x: F32, layer: _Layer, mask_add: F32, heads: int) -> F32:
     return out
 
 
-def _encode(bert: _Bert, ids: I64, mask: F32) -> F32:
-    """Token states (b, n, hidden) for padded ids and a 0/1 attention mask."""
+def _encode(
+    bert: _Bert, ids: I64, mask: F32, layers: Sequence[BertLayer] | None = None
+) -> F32:
+    """Token states (b, n, hidden) for padded ids and a 0/1 attention mask, through the
+    model's own layers or the given stack."""
     b, n = ids.shape
     x = bert.word[ids] + bert.position[:n] + bert.token_type0
     x = _layer_norm(x, bert.ln_g, bert.ln_b, bert.eps)
     mask_add = ((np.float32(1.0) - mask) * np.float32(np.finfo(np.float32).min))[:, None, None, :]
-    for layer in bert.layers:
+    for layer in bert.layers if layers is None else layers:
         x = _layer_norm(
             x + _attention(x, layer, mask_add, bert.heads), layer.ln1_g, layer.ln1_b, bert.eps
         )
@@ -374,6 +386,17 @@ class MiniLM:
         )
 
     def embed(self, texts: Sequence[str]) -> F32:
+        return self._embed(texts, None)
+
+    def embed_through(self, texts: Sequence[str], start: int, top: Sequence[BertLayer]) -> F32:
+        """Sentence vectors of `texts` through this model's first `start` layers, then `top`
+        instead of the rest: the same model with its upper layers fine-tuned for a task
+        (the harm classifier's tuned head)."""
+        bert = self.load_weights()._bert
+        assert bert is not None
+        return self._embed(texts, (*bert.layers[:start], *top))
+
+    def _embed(self, texts: Sequence[str], layers: Sequence[BertLayer] | None) -> F32:
         if not texts:
             return np.zeros((0, self.dim), dtype=np.float32)
         self.load_weights()
@@ -385,10 +408,10 @@ class MiniLM:
         out = np.empty((len(ids), self.dim), dtype=np.float32)
         for start in range(0, len(order), self.batch_size):
             chunk = order[start : start + self.batch_size]
-            out[chunk] = self._embed_batch([ids[i] for i in chunk])
+            out[chunk] = self._embed_batch([ids[i] for i in chunk], layers)
         return out
 
-    def _embed_batch(self, ids: list[list[int]]) -> F32:
+    def _embed_batch(self, ids: list[list[int]], layers: Sequence[BertLayer] | None) -> F32:
         assert self._bert is not None  # embed() loaded it
         n = max(len(row) for row in ids)
         batch = np.zeros((len(ids), n), dtype=np.int64)  # pad id 0 ([PAD])
@@ -396,7 +419,7 @@ class MiniLM:
         for i, row in enumerate(ids):
             batch[i, : len(row)] = row
             mask[i, : len(row)] = 1.0
-        states = _encode(self._bert, batch, mask)
+        states = _encode(self._bert, batch, mask, layers)
         if self._pooling == "cls":
             pooled = states[:, 0, :]
         else:

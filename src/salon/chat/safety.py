@@ -35,11 +35,11 @@ REFUSAL_AT = 0.5
 # Recovery only for requests the policy calls benign and the classifier is fairly sure of:
 # recovering pushes past a model's own refusal, and doing so for a harmful request is worse
 # than leaving a harmless one refused. Cross-validated on the training prompts, the share of
-# harmful ones is 1-9 % under 0.3, 10 % in [0.3, 0.4), 16 % in [0.4, 0.5) and 40 % in
-# [0.5, 0.6) (training_report.md, "Calibration"). 0.3 was tried first and left the model's
-# flat refusals of benign requests that merely sound sensitive (0.33-0.39) unrecovered; 0.5
-# recovered a privacy request the classifier misjudged into compliance.
-RECOVER_BELOW = 0.4
+# harmful ones is 1-4 % under 0.2, 11 % in [0.2, 0.3), 34 % in [0.3, 0.4) and 32 % in
+# [0.4, 0.5) (training_report.md, "Calibration", the fine-tuned classifier). With the
+# previous classifier [0.3, 0.4) held 10 % and the bound was 0.4; 0.5 once recovered a
+# privacy request the classifier misjudged into compliance.
+RECOVER_BELOW = 0.3
 # The clarifying instruction of the one re-ask.
 CLARIFY = (
     "The user's request below has been reviewed and is benign: it only sounds sensitive "

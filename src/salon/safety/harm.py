@@ -1,14 +1,16 @@
 """Request assessment: how likely is a user turn to ask for real harm, and of what kind.
 
-The embedded classifier averages three heads trained by ``python -m salon.safety.train``:
-a logistic regression over TF-IDF features (word 1-2-grams + in-word char 3-5-grams; ~1 ms,
-standard library only), which knows the words of harm; a logistic regression over the
-all-MiniLM-L6-v2 sentence embedding, which knows what a request *means* and so carries over to
-phrasings the training set lacks; and a vote of the ten training prompts nearest in that
-embedding. Cross-validated, the three together miss 35 % of harmful prompts at 3 % over-refusal,
-against 47 % for TF-IDF alone (training_report.md). The embedding costs ~10-25 ms a turn.
-Without the embedding model installed the TF-IDF head works alone. Guard models served by a
-backend can implement the same protocol.
+The embedded classifier averages two heads trained by ``python -m salon.safety.train``: a
+logistic regression over TF-IDF features (word 1-2-grams + in-word char 3-5-grams; ~1 ms,
+standard library only), which knows the words of harm, a third; and all-MiniLM-L6-v2 with its
+upper layers fine-tuned for the task (`TunedHead`), which knows what a request *means* and so
+carries over to phrasings the training set lacks, two thirds. Cross-validated, together they
+miss 31 % of harmful prompts at 3 % over-refusal and 20 % at 5 %, against 47 % and 40 % for
+TF-IDF alone (training_report.md). The embedding costs ~10-25 ms a turn. The frozen
+embedding's heads (`DenseHead`: a regression, a vote of the nearest training prompts, and a
+category regression) serve the category, and the harm probability when no tuned head
+matches the embedder. Without the embedding model installed the TF-IDF head works alone.
+Guard models served by a backend can implement the same protocol.
 """
 
 from __future__ import annotations
@@ -19,12 +21,12 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
-from typing import Protocol, TypedDict
+from typing import Any, Protocol, TypedDict
 
 import numpy as np
 import numpy.typing as npt
 
-from salon.backends.embeddings import Embedder, default_embedder
+from salon.backends.embeddings import BertLayer, Embedder, MiniLM, bert_layers, default_embedder
 from salon.safety._linear import LinearTextModel, load_models, raw_counts
 from salon.safety.datasets import DATA
 
@@ -32,6 +34,8 @@ HARM_ARTEFACT = DATA / "harm_model.json.gz"
 DENSE_ARTEFACT = DATA / "harm_dense.json"
 # the training prompts' embeddings (float16) for the neighbour vote
 NEIGHBOURS_ARTEFACT = DATA / "harm_neighbours.npy"
+# the embedding model's upper layers fine-tuned for harm, with their head (float16)
+TUNED_ARTEFACT = DATA / "harm_tuned.npz"
 _CONTEXT_TURNS = 2
 _FOLLOW_UP_WORDS = 12
 # No policy may refuse below 0.5 (see policy.MIN_REFUSE_AT), so below it the category is not
@@ -185,12 +189,71 @@ def _category_head(data: object) -> _CategoryHead:
 
 
 @dataclass(frozen=True, slots=True)
+class TunedHead:
+    """The embedding model with its upper layers fine-tuned to tell harmful requests from
+    benign ones (`python -m salon.safety.train`): the model's own first `start` layers, these
+    layers instead of the rest, mean pooling, then a logistic head. Costs what one embedding
+    costs; it replaces the frozen embedding's regression and vote in the harm probability."""
+
+    start: int
+    layers: tuple[BertLayer, ...]
+    weights: F32
+    bias: float
+    embedder: str
+    sparse_weight: float  # the TF-IDF head's share in the averaged probability
+    max_words: int | None = DENSE_MAX_WORDS
+
+    def probabilities(self, texts: Sequence[str], model: MiniLM) -> list[float]:
+        vectors = model.embed_through(
+            [clipped(t, self.max_words) for t in texts], self.start, self.layers
+        )
+        z = np.clip(vectors @ self.weights + self.bias, -60.0, 60.0)
+        return [float(v) for v in 1.0 / (1.0 + np.exp(-z))]
+
+    def arrays(self, weights: Mapping[str, npt.NDArray[Any]]) -> dict[str, npt.NDArray[Any]]:
+        """What `save` writes: the layers' weights as given (torch names), and the rest."""
+        return {
+            **weights,
+            "head.weight": self.weights.astype(np.float32),
+            "head.bias": np.array([self.bias], dtype=np.float32),
+            "start": np.array(self.start),
+            "sparse_weight": np.array(self.sparse_weight),
+            "max_words": np.array(-1 if self.max_words is None else self.max_words),
+            "embedder": np.array(self.embedder),
+        }
+
+    @classmethod
+    def from_arrays(cls, data: Mapping[str, npt.NDArray[Any]]) -> TunedHead:
+        start = int(data["start"])
+        names = {k.split(".")[2] for k in data if k.startswith("encoder.layer.")}
+        weights = {
+            k: np.asarray(v, dtype=np.float32) for k, v in data.items() if k.startswith("encoder.")
+        }
+        max_words = int(data["max_words"])
+        return cls(
+            start=start,
+            layers=bert_layers(weights, sorted(int(n) for n in names)),
+            weights=np.asarray(data["head.weight"], dtype=np.float32),
+            bias=float(data["head.bias"][0]),
+            embedder=str(data["embedder"]),
+            sparse_weight=float(data["sparse_weight"]),
+            max_words=None if max_words < 0 else max_words,
+        )
+
+    @classmethod
+    def load(cls, path: Path = TUNED_ARTEFACT) -> TunedHead:
+        with np.load(path) as data:
+            return cls.from_arrays({k: data[k] for k in data.files})
+
+
+@dataclass(frozen=True, slots=True)
 class EmbeddedHarmClassifier:
     harm: LinearTextModel
     category: LinearTextModel
     dense: DenseHead | None = None
     embedder: Embedder | None = None
     name: str = "embedded"
+    tuned: TunedHead | None = None
 
     @classmethod
     def load(
@@ -198,9 +261,10 @@ class EmbeddedHarmClassifier:
         path: Path = HARM_ARTEFACT,
         dense_path: Path = DENSE_ARTEFACT,
         embedder: Embedder | None = None,
+        tuned_path: Path | None = TUNED_ARTEFACT,
     ) -> EmbeddedHarmClassifier:
-        """The TF-IDF heads, plus the embedding head when its embedder is given and is the
-        one the head was trained with."""
+        """The TF-IDF heads, plus the embedding heads when their embedder is given and is
+        the one they were trained with (the tuned head: a MiniLM)."""
         models, _ = load_models(path)
         dense = None
         if embedder is not None and dense_path.exists():
@@ -209,11 +273,16 @@ class EmbeddedHarmClassifier:
             data = json.loads(dense_path.read_text(encoding="utf-8"))
             head = DenseHead.from_json(data, vectors)
             dense = head if head.embedder == getattr(embedder, "name", "") else None
+        tuned = None
+        if isinstance(embedder, MiniLM) and tuned_path is not None and tuned_path.exists():
+            tuned_head = TunedHead.load(tuned_path)
+            tuned = tuned_head if tuned_head.embedder == embedder.name else None
         return cls(
             harm=models["harm"],
             category=models["category"],
             dense=dense,
-            embedder=embedder if dense is not None else None,
+            embedder=embedder if dense is not None or tuned is not None else None,
+            tuned=tuned,
         )
 
     def probabilities(self, texts: Sequence[str]) -> list[float]:
@@ -223,6 +292,10 @@ class EmbeddedHarmClassifier:
     def _scores(self, texts: Sequence[str]) -> tuple[list[float], F32 | None]:
         """The probabilities, and the texts' embeddings (None without the dense head)."""
         sparse = [self.harm.probabilities(raw_counts(t, self.harm.config))["unsafe"] for t in texts]
+        if self.tuned is not None and isinstance(self.embedder, MiniLM):
+            tuned = self.tuned.probabilities(texts, self.embedder)
+            w = self.tuned.sparse_weight
+            return [w * s + (1.0 - w) * t for s, t in zip(sparse, tuned, strict=True)], None
         if self.dense is None or self.embedder is None:
             return sparse, None
         read = [clipped(t, self.dense.max_words) for t in texts]
@@ -249,7 +322,12 @@ class EmbeddedHarmClassifier:
         if p < _CATEGORY_FROM:
             return Assessment(p, None, 0.0, used, self.name)
         text = joined if used else turn
-        category, p_cat = self._category(text, None if vectors is None else vectors[chosen])
+        vector = None if vectors is None else vectors[chosen]
+        if vector is None and self.dense is not None and self.embedder is not None:
+            # The tuned head's vectors are the harm task's: the category reads the plain
+            # embedding, computed only here, for the few turns that may be refused.
+            vector = self.embedder.embed([clipped(text, self.dense.max_words)])[0]
+        category, p_cat = self._category(text, vector)
         return Assessment(p, category, p_cat, used, self.name)
 
     def _category(self, text: str, vector: F32 | None) -> tuple[str, float]:
