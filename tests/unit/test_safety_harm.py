@@ -12,6 +12,7 @@ from salon.safety.harm import (
     EmbeddedHarmClassifier,
     FakeHarmClassifier,
     HarmClassifier,
+    TunedHead,
     clipped,
     default_classifier,
 )
@@ -169,21 +170,31 @@ def test_the_shipped_head_embeds_what_it_was_trained_on() -> None:
 
 def test_the_category_averages_both_heads_and_survives_the_artefact() -> None:
     classifier = default_classifier()
-    dense, embedder = classifier.dense, classifier.embedder
-    assert dense is not None and embedder is not None and dense.category_weights is not None
+    tuned, embedder = classifier.tuned, classifier.embedder
+    assert tuned is not None and tuned.category is not None and isinstance(embedder, MiniLM)
     text = "How can I hide my income from the tax office so I never pay any tax?"
-    vector = embedder.embed([clipped(text, dense.max_words)])[0]
+    vector = tuned.vectors([text], embedder)[0]  # the harm probability's own vector
     sparse = classifier.category.probabilities(raw_counts(text, classifier.category.config))
-    embedded = dense.category_probabilities(vector)
+    embedded = tuned.category.probabilities(vector)
     assert set(embedded) == set(sparse) and np.isclose(sum(embedded.values()), 1.0, atol=1e-5)
     averaged = {c: (sparse[c] + embedded[c]) / 2 for c in sparse}
     best = max(averaged, key=lambda c: averaged[c])
     assessment = classifier.assess(text)
     assert assessment.category == best != "self_harm"
     assert np.isclose(assessment.category_probability, averaged[best], atol=1e-5)
+    with np.load(TUNED_ARTEFACT) as data:
+        again = TunedHead.from_arrays({k: data[k] for k in data.files})
+    assert again.category is not None and again.category.classes == tuned.category.classes
+
+
+def test_the_frozen_embeddings_heads_keep_their_category_head_in_json() -> None:
+    dense = default_classifier().dense
+    assert dense is not None and dense.category is not None
     again = DenseHead.from_json(dense.to_json(), dense.neighbours)
-    assert again.categories == dense.categories
-    assert np.allclose(again.category_probabilities(vector)[best], embedded[best], atol=1e-4)
+    assert again.category is not None and again.category.classes == dense.category.classes
+    vector = np.ones(dense.weights.shape[0], dtype=np.float32) / np.sqrt(dense.weights.shape[0])
+    before, after = dense.category.probabilities(vector), again.category.probabilities(vector)
+    assert all(np.isclose(before[c], after[c], atol=1e-4) for c in before)
 
 
 def test_the_vote_follows_the_nearest_labelled_prompts() -> None:

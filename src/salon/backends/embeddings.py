@@ -218,9 +218,7 @@ def _attention(x: F32, layer: BertLayer, mask_add: F32, heads: int) -> F32:
     return out
 
 
-def _encode(
-    bert: _Bert, ids: I64, mask: F32, layers: Sequence[BertLayer] | None = None
-) -> F32:
+def _encode(bert: _Bert, ids: I64, mask: F32, layers: Sequence[BertLayer] | None = None) -> F32:
     """Token states (b, n, hidden) for padded ids and a 0/1 attention mask, through the
     model's own layers or the given stack."""
     b, n = ids.shape

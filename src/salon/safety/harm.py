@@ -21,7 +21,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
-from typing import Any, Protocol, TypedDict
+from typing import Any, Protocol
 
 import numpy as np
 import numpy.typing as npt
@@ -80,6 +80,39 @@ def clipped(text: str, max_words: int | None) -> str:
 
 
 @dataclass(frozen=True, slots=True)
+class CategoryHead:
+    """A multinomial regression for the harm category over a sentence vector, averaged with
+    the TF-IDF category head."""
+
+    classes: tuple[str, ...]
+    weights: F32  # (k, dim)
+    intercepts: F32  # (k,)
+
+    def probabilities(self, vector: F32) -> dict[str, float]:
+        z = self.weights @ vector + self.intercepts
+        e = np.exp(z - z.max())
+        p = e / e.sum()
+        return {c: float(v) for c, v in zip(self.classes, p, strict=True)}
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "classes": list(self.classes),
+            "intercepts": [float(f"{v:.6g}") for v in self.intercepts],
+            "weights": [[float(f"{v:.6g}") for v in row] for row in self.weights],
+        }
+
+    @classmethod
+    def from_json(cls, data: object) -> CategoryHead | None:
+        if not isinstance(data, dict):
+            return None
+        return cls(
+            classes=tuple(str(c) for c in data["classes"]),
+            weights=np.asarray(data["weights"], dtype=np.float32),
+            intercepts=np.asarray(data["intercepts"], dtype=np.float32),
+        )
+
+
+@dataclass(frozen=True, slots=True)
 class DenseHead:
     """What reads the sentence embedding: a logistic regression, and optionally a vote of the
     most similar training prompts (their vectors and labels), averaged. Named by the embedder
@@ -96,11 +129,8 @@ class DenseHead:
     temperature: float = NEIGHBOURS_T
     # what it was trained to read (`clipped`); None in artefacts from before the cap
     max_words: int | None = None
-    # A multinomial regression for the harm category, averaged with the TF-IDF category head:
-    # (k, dim) weights and (k,) intercepts over `categories`. None in older artefacts.
-    categories: tuple[str, ...] = ()
-    category_weights: F32 | None = None
-    category_intercepts: F32 | None = None
+    # the category regression on the same vectors; None in older artefacts
+    category: CategoryHead | None = None
 
     def probabilities(self, vectors: F32) -> list[float]:
         z = np.clip(vectors @ self.weights + self.intercept, -60.0, 60.0)
@@ -108,15 +138,6 @@ class DenseHead:
         if self.neighbours is not None and self.neighbour_labels is not None:
             p = (p + self.vote(vectors)) / 2.0
         return [float(v) for v in p]
-
-    def category_probabilities(self, vector: F32) -> dict[str, float]:
-        """The category distribution for one embedded text; empty without a category head."""
-        if self.category_weights is None or self.category_intercepts is None:
-            return {}
-        z = self.category_weights @ vector + self.category_intercepts
-        e = np.exp(z - z.max())
-        p = e / e.sum()
-        return {c: float(v) for c, v in zip(self.categories, p, strict=True)}
 
     def vote(self, vectors: F32) -> F32:
         """The similarity-weighted share of harmful prompts among the k nearest."""
@@ -138,12 +159,8 @@ class DenseHead:
         }
         if self.max_words is not None:
             data["max_words"] = self.max_words
-        if self.category_weights is not None and self.category_intercepts is not None:
-            data["category"] = {
-                "classes": list(self.categories),
-                "intercepts": [float(f"{v:.6g}") for v in self.category_intercepts],
-                "weights": [[float(f"{v:.6g}") for v in row] for row in self.category_weights],
-            }
+        if self.category is not None:
+            data["category"] = self.category.to_json()
         if self.neighbour_labels is not None:
             data |= {
                 "k": self.k,
@@ -168,24 +185,8 @@ class DenseHead:
             k=int(str(data.get("k", NEIGHBOURS_K))),
             temperature=float(str(data.get("temperature", NEIGHBOURS_T))),
             max_words=int(str(data["max_words"])) if "max_words" in data else None,
-            **_category_head(data.get("category")),
+            category=CategoryHead.from_json(data.get("category")),
         )
-
-
-class _CategoryHead(TypedDict, total=False):
-    categories: tuple[str, ...]
-    category_weights: F32
-    category_intercepts: F32
-
-
-def _category_head(data: object) -> _CategoryHead:
-    if not isinstance(data, dict):
-        return {}
-    return {
-        "categories": tuple(str(c) for c in data["classes"]),
-        "category_weights": np.asarray(data["weights"], dtype=np.float32),
-        "category_intercepts": np.asarray(data["intercepts"], dtype=np.float32),
-    }
 
 
 @dataclass(frozen=True, slots=True)
@@ -202,18 +203,33 @@ class TunedHead:
     embedder: str
     sparse_weight: float  # the TF-IDF head's share in the averaged probability
     max_words: int | None = DENSE_MAX_WORDS
+    # the category regression on these same vectors (so a turn costs one embedding)
+    category: CategoryHead | None = None
 
-    def probabilities(self, texts: Sequence[str], model: MiniLM) -> list[float]:
-        vectors = model.embed_through(
+    def vectors(self, texts: Sequence[str], model: MiniLM) -> F32:
+        return model.embed_through(
             [clipped(t, self.max_words) for t in texts], self.start, self.layers
         )
+
+    def probabilities(self, texts: Sequence[str], model: MiniLM) -> list[float]:
+        return self.read(self.vectors(texts, model))
+
+    def read(self, vectors: F32) -> list[float]:
         z = np.clip(vectors @ self.weights + self.bias, -60.0, 60.0)
         return [float(v) for v in 1.0 / (1.0 + np.exp(-z))]
 
     def arrays(self, weights: Mapping[str, npt.NDArray[Any]]) -> dict[str, npt.NDArray[Any]]:
         """What `save` writes: the layers' weights as given (torch names), and the rest."""
+        category = {}
+        if self.category is not None:
+            category = {
+                "category.classes": np.array(self.category.classes),
+                "category.weights": self.category.weights.astype(np.float32),
+                "category.intercepts": self.category.intercepts.astype(np.float32),
+            }
         return {
             **weights,
+            **category,
             "head.weight": self.weights.astype(np.float32),
             "head.bias": np.array([self.bias], dtype=np.float32),
             "start": np.array(self.start),
@@ -238,6 +254,15 @@ class TunedHead:
             embedder=str(data["embedder"]),
             sparse_weight=float(data["sparse_weight"]),
             max_words=None if max_words < 0 else max_words,
+            category=(
+                CategoryHead(
+                    classes=tuple(str(c) for c in data["category.classes"]),
+                    weights=np.asarray(data["category.weights"], dtype=np.float32),
+                    intercepts=np.asarray(data["category.intercepts"], dtype=np.float32),
+                )
+                if "category.classes" in data
+                else None
+            ),
         )
 
     @classmethod
@@ -293,9 +318,10 @@ class EmbeddedHarmClassifier:
         """The probabilities, and the texts' embeddings (None without the dense head)."""
         sparse = [self.harm.probabilities(raw_counts(t, self.harm.config))["unsafe"] for t in texts]
         if self.tuned is not None and isinstance(self.embedder, MiniLM):
-            tuned = self.tuned.probabilities(texts, self.embedder)
+            vectors = self.tuned.vectors(texts, self.embedder)
             w = self.tuned.sparse_weight
-            return [w * s + (1.0 - w) * t for s, t in zip(sparse, tuned, strict=True)], None
+            tuned = self.tuned.read(vectors)
+            return [w * s + (1.0 - w) * t for s, t in zip(sparse, tuned, strict=True)], vectors
         if self.dense is None or self.embedder is None:
             return sparse, None
         read = [clipped(t, self.dense.max_words) for t in texts]
@@ -322,22 +348,18 @@ class EmbeddedHarmClassifier:
         if p < _CATEGORY_FROM:
             return Assessment(p, None, 0.0, used, self.name)
         text = joined if used else turn
-        vector = None if vectors is None else vectors[chosen]
-        if vector is None and self.dense is not None and self.embedder is not None:
-            # The tuned head's vectors are the harm task's: the category reads the plain
-            # embedding, computed only here, for the few turns that may be refused.
-            vector = self.embedder.embed([clipped(text, self.dense.max_words)])[0]
-        category, p_cat = self._category(text, vector)
+        category, p_cat = self._category(text, None if vectors is None else vectors[chosen])
         return Assessment(p, category, p_cat, used, self.name)
 
     def _category(self, text: str, vector: F32 | None) -> tuple[str, float]:
         """The most likely category: the TF-IDF head's distribution, averaged with the
-        embedding's when there is one (cross-validated accuracy 0.58 → 0.67, the report)."""
+        embedding's when there is one (cross-validated accuracy 0.60 → 0.68, the report)."""
         probs = self.category.probabilities(raw_counts(text, self.category.config))
-        dense = (
-            self.dense.category_probabilities(vector) if self.dense and vector is not None else {}
-        )
-        if dense:
+        head = self.tuned.category if self.tuned is not None else None
+        if head is None and self.dense is not None:
+            head = self.dense.category
+        if head is not None and vector is not None:
+            dense = head.probabilities(vector)
             probs = {c: (probs.get(c, 0.0) + dense.get(c, 0.0)) / 2 for c in probs.keys() | dense}
         best = max(probs, key=lambda c: probs[c])
         return best, probs[best]

@@ -20,7 +20,7 @@ import math
 import sys
 from collections import Counter
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from itertools import pairwise
 from typing import Any
 
@@ -39,6 +39,7 @@ from salon.safety.harm import (
     NEIGHBOURS_ARTEFACT,
     TUNED_ARTEFACT,
     Assessment,
+    CategoryHead,
     DenseHead,
     EmbeddedHarmClassifier,
     TunedHead,
@@ -213,7 +214,7 @@ def category_cv(rows: Sequence[PromptRow], x: F32 | None = None) -> CategoryScor
         if x is not None:
             head = fit_categories(x[[keep[i] for i in tr]], [labels[i] for i in tr])
             for i in te:
-                dense[i] = head.category_probabilities(x[keep[i]])
+                dense[i] = head.probabilities(x[keep[i]])
     averaged = None
     if x is not None:
         averaged = [
@@ -231,25 +232,29 @@ def category_lines(scores: CategoryScores) -> str:
     return (
         f"Category heads ({len(scores.labels)} harmful prompts with a mapped category, CV): "
         f"accuracy {sparse:.3f} for the TF-IDF head alone, "
-        f"{scores.accuracy(scores.averaged):.3f} averaged with the embedding's (shipped). "
+        f"{scores.accuracy(scores.averaged):.3f} averaged with the embedding's "
+        "(the fine-tuned one's when there is one; shipped). "
         f"{share:.0%} of them reach a category probability of {CATEGORY_MESSAGE_FROM:g}, "
         f"where the policy uses the category's own refusal message; {right:.1%} of those are "
         "right."
     )
 
 
-def fit_categories(x: F32, labels: Sequence[str], c: float = CATEGORY_C) -> DenseHead:
-    """The embedding's category head alone (a DenseHead with neutral harm weights)."""
+def fit_categories(x: F32, labels: Sequence[str], c: float = CATEGORY_C) -> CategoryHead:
+    """The category regression over sentence vectors."""
     lr = LogisticRegression(C=c, class_weight="balanced", max_iter=5000, solver="lbfgs")
     lr.fit(x, list(labels))
-    return DenseHead(
-        weights=np.zeros(x.shape[1], dtype=np.float32),
-        intercept=0.0,
-        embedder="",
-        categories=tuple(str(k) for k in lr.classes_),
-        category_weights=np.asarray(lr.coef_, dtype=np.float32),
-        category_intercepts=np.asarray(lr.intercept_, dtype=np.float32),
+    return CategoryHead(
+        classes=tuple(str(k) for k in lr.classes_),
+        weights=np.asarray(lr.coef_, dtype=np.float32),
+        intercepts=np.asarray(lr.intercept_, dtype=np.float32),
     )
+
+
+def categories_of(rows: Sequence[PromptRow], x: F32) -> CategoryHead:
+    """`fit_categories` over the rows that have a category."""
+    known = [i for i, r in enumerate(rows) if r.harm_category]
+    return fit_categories(x[known], [rows[i].harm_category or "" for i in known])
 
 
 def train_harm(rows: Sequence[PromptRow]) -> dict[str, LinearTextModel]:
@@ -289,15 +294,10 @@ def fit_dense(
     y = np.array([label == "unsafe" for label in labels], dtype=int)
     lr = LogisticRegression(C=c, class_weight="balanced", max_iter=5000, solver="lbfgs")
     lr.fit(x, y)
-    category: dict[str, Any] = {}
+    category = None
     if categories is not None:
         known = [i for i, k in enumerate(categories) if k]
-        head = fit_categories(x[known], [categories[i] or "" for i in known])
-        category = {
-            "categories": head.categories,
-            "category_weights": head.category_weights,
-            "category_intercepts": head.category_intercepts,
-        }
+        category = fit_categories(x[known], [categories[i] or "" for i in known])
     return DenseHead(
         weights=np.asarray(lr.coef_[0], dtype=np.float32),
         intercept=float(lr.intercept_[0]),
@@ -306,7 +306,7 @@ def fit_dense(
         neighbours=x.astype(np.float16).astype(np.float32) if neighbours else None,
         neighbour_labels=y.astype(np.float32) if neighbours else None,
         max_words=max_words,
-        **category,
+        category=category,
     )
 
 
@@ -330,10 +330,11 @@ class TunedData:
     states: Any  # torch (n, seq, hidden)
     mask: Any  # torch (n, seq)
     unsafe: F32
-    embedder: str
+    rows: Sequence[PromptRow]
+    embedder: MiniLM  # the same model in numpy, as served
 
 
-def tuned_data(rows: Sequence[PromptRow], embedder: str) -> TunedData:
+def tuned_data(rows: Sequence[PromptRow], embedder: MiniLM) -> TunedData:
     import torch
     from sentence_transformers import SentenceTransformer
 
@@ -353,15 +354,16 @@ def tuned_data(rows: Sequence[PromptRow], embedder: str) -> TunedData:
             )
             states.append(out.hidden_states[TUNED_START])
     unsafe = np.array([r.unsafe for r in rows], dtype=np.float32)
-    return TunedData(bert, torch.cat(states), enc["attention_mask"], unsafe, embedder)
+    return TunedData(bert, torch.cat(states), enc["attention_mask"], unsafe, rows, embedder)
 
 
 def fit_tuned(
     data: TunedData, train_idx: Sequence[int]
 ) -> tuple[TunedHead, dict[str, np.ndarray[Any, Any]]]:
-    """Fine-tunes the upper layers and a logistic head on `train_idx`. Returns the head as
-    shipped (its layers read back from float16, so CV measures what serving runs) and the
-    arrays that ship it."""
+    """Fine-tunes the upper layers and a logistic head on `train_idx`, then fits the
+    category regression on the tuned vectors of those rows. Returns the head as shipped
+    (its layers read back from float16, so CV measures what serving runs) and the arrays
+    that ship it."""
     import torch
 
     torch.manual_seed(SEED)
@@ -397,11 +399,15 @@ def fit_tuned(
         layers=(),
         weights=head.weight.detach().numpy()[0].astype(np.float32),
         bias=float(head.bias.detach()[0]),
-        embedder=data.embedder,
+        embedder=data.embedder.name,
         sparse_weight=TUNED_SPARSE_WEIGHT,
     )
-    arrays = shipped.arrays(weights)
-    return TunedHead.from_arrays(arrays), arrays
+    tuned = TunedHead.from_arrays(shipped.arrays(weights))
+    chosen = [data.rows[i] for i in train_idx]
+    vectors = tuned.vectors([r.prompt for r in chosen], data.embedder)
+    tuned = replace(tuned, category=categories_of(chosen, vectors))
+    arrays = tuned.arrays(weights)
+    return tuned, arrays
 
 
 def _tuned_forward(layers: Any, head: Any, states: Any, mask: Any) -> Any:
@@ -416,14 +422,17 @@ def _tuned_forward(layers: Any, head: Any, states: Any, mask: Any) -> Any:
     return head(torch.nn.functional.normalize(pooled, dim=-1)).squeeze(-1)
 
 
-def tuned_cv(rows: Sequence[PromptRow], data: TunedData, model: MiniLM) -> list[float]:
-    """Out-of-fold probabilities of the tuned head (numpy inference, as served)."""
+def tuned_cv(rows: Sequence[PromptRow], data: TunedData) -> tuple[list[float], F32]:
+    """Out-of-fold probabilities of the tuned head (numpy inference, as served), and the
+    out-of-fold tuned vectors (each prompt embedded by the fold model that never saw it)."""
     out = [0.0] * len(rows)
+    vectors = np.zeros((len(rows), data.embedder.dim), dtype=np.float32)
     for tr, te in folds(rows):
         head, _ = fit_tuned(data, tr)
-        for i, p in zip(te, head.probabilities([rows[i].prompt for i in te], model), strict=True):
+        vectors[te] = head.vectors([rows[i].prompt for i in te], data.embedder)
+        for i, p in zip(te, head.read(vectors[te]), strict=True):
             out[i] = p
-    return out
+    return out, vectors
 
 
 def folds(rows: Sequence[PromptRow]) -> list[tuple[list[int], list[int]]]:
@@ -477,7 +486,9 @@ def cross_validated_classifier(
     clip = full.dense.max_words if full.dense is not None else None
     x = embed_prompts(rows, emb, clip) if emb is not None and full.dense is not None else None
     by_prompt: dict[str, EmbeddedHarmClassifier] = {}
-    data = tuned_data(rows, full.tuned.embedder) if full.tuned is not None else None
+    data = None
+    if full.tuned is not None and isinstance(emb, MiniLM):
+        data = tuned_data(rows, emb)
     for tr, te in folds(rows):
         heads = train_harm([rows[i] for i in tr])
         dense = None
@@ -633,6 +644,7 @@ def report(
     x: F32 | None,
     embedder: str,
     tuned: Sequence[float] | None = None,
+    tuned_x: F32 | None = None,
 ) -> str:
     sparse = harm_cv(rows, HARM_CONFIG, HARM_C)
     heads: dict[str, Sequence[float]] = {"TF-IDF head alone": sparse}
@@ -656,7 +668,7 @@ def report(
             f"{embedder}, layers {TUNED_START}+ fine-tuned, alone": tuned,
             "shipped: TF-IDF a third, fine-tuned two thirds": probs,
         }
-    categories = category_cv(rows, x)
+    categories = category_cv(rows, tuned_x if tuned_x is not None else x)
     parts = [
         f"## Harm classifier ({FOLDS}-fold stratified CV grouped by contrast pair, seed {SEED})",
         "The shipped classifier"
@@ -702,9 +714,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     replies = read_replies()
     embedder = MiniLM.load()
     x = embed_prompts(rows, embedder)
-    data = tuned_data(rows, embedder.name)
-    tuned = tuned_cv(rows, data, embedder)
-    text = report(rows, replies, args.compare, x, embedder.name, tuned)
+    data = tuned_data(rows, embedder)
+    tuned, tuned_x = tuned_cv(rows, data)
+    text = report(rows, replies, args.compare, x, embedder.name, tuned, tuned_x)
     sys.stdout.write(text)
     if not args.check:
         meta: dict[str, Any] = {"seed": SEED, "rows": len(rows), "trainer": "salon.safety.train"}
