@@ -273,7 +273,7 @@ def _cross_validated() -> HarmClassifier:
             f"--gate cv trains fold classifiers and needs scikit-learn ({exc}); "
             "pip install 'salon[dev]', or pass --gate on"
         ) from exc
-    progress("training the cross-validation fold classifiers (~1 min)")
+    progress("training the cross-validation fold classifiers (~5-10 min: five fine-tunings)")
     return cross_validated_classifier(default_classifier())
 
 

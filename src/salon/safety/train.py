@@ -480,7 +480,8 @@ class CrossValidatedClassifier:
 def cross_validated_classifier(
     full: EmbeddedHarmClassifier, rows: Sequence[PromptRow] | None = None
 ) -> CrossValidatedClassifier:
-    """Trains the FOLDS fold classifiers (with the full one's embedder, if any): ~1 min."""
+    """Trains the FOLDS fold classifiers (with the full one's embedder, if any): ~1 min,
+    ~5-10 min on 2 cores when the full one has a tuned head (each fold fine-tunes its own)."""
     rows = list(rows or training_prompts())
     emb = full.embedder
     clip = full.dense.max_words if full.dense is not None else None
