@@ -106,8 +106,8 @@ async def test_a_follower_on_another_node_gets_the_generation_live(
         assert "".join(deltas) == _expected(WORDS)
         assert end["status"] == "complete"
     # Polling yields at most one delta per 0.5 s (2 s of generation: about 5); the relay
-    # yields the events as the node that runs the job publishes them.
-    assert len(polled[0]) <= 8
+    # yields the events as the node that runs the job publishes them (here ~380 deltas).
+    # Only the ratio is asserted: a loaded machine stretches both alike.
     assert len(live[0]) >= 4 * len(polled[0])
 
 
