@@ -35,11 +35,11 @@ REFUSAL_AT = 0.5
 # Recovery only for requests the policy calls benign and the classifier is fairly sure of:
 # recovering pushes past a model's own refusal, and doing so for a harmful request is worse
 # than leaving a harmless one refused. Cross-validated on the training prompts, the share of
-# harmful ones is 1-4 % under 0.2, 11 % in [0.2, 0.3), 34 % in [0.3, 0.4) and 32 % in
-# [0.4, 0.5) (training_report.md, "Calibration", the fine-tuned classifier). With the
-# previous classifier [0.3, 0.4) held 10 % and the bound was 0.4; 0.5 once recovered a
-# privacy request the classifier misjudged into compliance.
-RECOVER_BELOW = 0.3
+# harmful ones is 1 % under 0.1, 4 % in [0.1, 0.2), 18 % in [0.2, 0.3) and 35 % in
+# [0.3, 0.4) (training_report.md, "Calibration", the fine-tuned classifier). With the
+# previous classifier [0.3, 0.4) held 10 % and the bound was 0.4; in every pipeline run the
+# recoveries that turned a refusal into compliance were of harmful privacy requests.
+RECOVER_BELOW = 0.2
 # The clarifying instruction of the one re-ask.
 CLARIFY = (
     "The user's request below has been reviewed and is benign: it only sounds sensitive "

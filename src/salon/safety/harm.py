@@ -5,7 +5,7 @@ logistic regression over TF-IDF features (word 1-2-grams + in-word char 3-5-gram
 standard library only), which knows the words of harm, a third; and all-MiniLM-L6-v2 with its
 upper layers fine-tuned for the task (`TunedHead`), which knows what a request *means* and so
 carries over to phrasings the training set lacks, two thirds. Cross-validated, together they
-miss 31 % of harmful prompts at 3 % over-refusal and 20 % at 5 %, against 47 % and 40 % for
+miss 24 % of harmful prompts at 3 % over-refusal and 16 % at 5 %, against 47 % and 40 % for
 TF-IDF alone (training_report.md). The embedding costs ~10-25 ms a turn. The frozen
 embedding's heads (`DenseHead`: a regression, a vote of the nearest training prompts, and a
 category regression) serve the category, and the harm probability when no tuned head
@@ -353,7 +353,7 @@ class EmbeddedHarmClassifier:
 
     def _category(self, text: str, vector: F32 | None) -> tuple[str, float]:
         """The most likely category: the TF-IDF head's distribution, averaged with the
-        embedding's when there is one (cross-validated accuracy 0.60 → 0.68, the report)."""
+        embedding's when there is one (cross-validated accuracy 0.60 → 0.67, the report)."""
         probs = self.category.probabilities(raw_counts(text, self.category.config))
         head = self.tuned.category if self.tuned is not None else None
         if head is None and self.dense is not None:
