@@ -60,6 +60,7 @@ CATEGORY_MAP = {
     "Child safety": "child_safety",
     "harmful": "other",
     "harassment_bullying": "hate_harassment",
+    "sexual_minors": "child_safety",
 }
 
 

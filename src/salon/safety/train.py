@@ -316,7 +316,10 @@ def fit_dense(
 # TUNED_EPOCHS over the prompts (clipped like the embedding head's), then averaged with the
 # TF-IDF head, which keeps a third. Chosen by CV: harmful missed at 5 % over-refusal was 25.6 %
 # with nothing fine-tuned (the frozen regression and vote), ~20 % with layers 4-5 tuned and
-# ~16 % with layers 3-5 (trials with these folds; the report has the shipped numbers).
+# ~16 % with layers 3-5 (trials with these folds; the report has the shipped numbers). Tuning
+# all six layers (with the 2,084 prompts of session 6) changed nothing beyond noise once
+# averaged with TF-IDF — development-source harmful missed at 5 % development over-refusal
+# 24.9 % either way — for twice the training time and a 20 MB artefact.
 TUNED_START = 3
 TUNED_EPOCHS = 4
 TUNED_SPARSE_WEIGHT = 1 / 3
@@ -629,6 +632,14 @@ def operating_points(rows: Sequence[PromptRow], heads: dict[str, Sequence[float]
     return "\n".join(lines)
 
 
+def _development_only(
+    rows: Sequence[PromptRow], heads: dict[str, Sequence[float]]
+) -> tuple[list[PromptRow], dict[str, Sequence[float]]]:
+    keep = [i for i, r in enumerate(rows) if not r.source.startswith("salon_")]
+    chosen: dict[str, Sequence[float]] = {name: [p[i] for i in keep] for name, p in heads.items()}
+    return [rows[i] for i in keep], chosen
+
+
 def calibration(rows: Sequence[PromptRow], probs: Sequence[float]) -> str:
     lines = ["| score band | prompts | harmful (95 % Wilson) |", "|---|---|---|"]
     edges = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.75, 1.01)
@@ -683,6 +694,10 @@ def report(
         "Operating points (harmful prompts scored at or under the threshold that refuses the "
         "given share of safe prompts):",
         operating_points(rows, heads),
+        "The same, on the development split's prompts only: the kinds the pipeline targets are "
+        "measured on (salon's own written and everyday prompts are easier, so the table above "
+        "flatters):",
+        operating_points(*_development_only(rows, heads)),
         "Calibration (what recovery relies on: how many of the prompts scored in a band are "
         "harmful):",
         calibration(rows, probs),
