@@ -36,8 +36,8 @@ DEFAULT_POLICY = DATA / "policy.json"
 MIN_REFUSE_AT = 0.5
 # A refusal carries its category's own message (crisis lines for self-harm, ...) only when the
 # category is this probable; below it, the general message. A wrong specific message is worse
-# than a general one: crisis lines for a tax-evasion request. Cross-validated, 30 % of harmful
-# prompts reach it, and 92 % of those categories are right (training_report.md).
+# than a general one: crisis lines for a tax-evasion request. Cross-validated, 39 % of harmful
+# prompts reach it, and 96 % of those categories are right (training_report.md).
 CATEGORY_MESSAGE_FROM = 0.4
 
 
