@@ -34,10 +34,7 @@ import shlex
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -46,11 +43,20 @@ from pathlib import Path
 import aiohttp
 
 import report as bench_report  # bench/report.py: bench/ is sys.path[0] as a script
-from harness import free_port, salon_cli
+from harness import (
+    TICKS,
+    Proc,
+    admin_key,
+    free_port,
+    make_workdir,
+    run_async,
+    salon_env,
+    serve_salon,
+    spawn,
+    start_upstream,
+    wait_http,
+)
 
-REPO = Path(__file__).resolve().parents[1]
-PASSWORD = "bench-password-123"
-USERNAME = "bench"
 # A content chunk: `"content": "<at least one character>` (any JSON spacing).
 CONTENT = re.compile(rb'"content":\s?"(?!")')
 PROMPT = [
@@ -58,86 +64,6 @@ PROMPT = [
     {"role": "user", "content": "Write a short answer about the weather in a few words."},
 ]
 AIM_P50_MS, AIM_P99_MS, AIM_STREAMS_S = 1.0, 10.0, 1000.0
-TICKS = os.sysconf("SC_CLK_TCK")
-
-
-# -- processes ---------------------------------------------------------------------------
-
-
-@dataclass
-class Proc:
-    name: str
-    process: subprocess.Popen[bytes]
-    log_path: Path
-
-    def log_tail(self, chars: int = 3000) -> str:
-        with contextlib.suppress(OSError):
-            return self.log_path.read_text(errors="replace")[-chars:]
-        return ""
-
-    def cpu_s(self) -> float:
-        """User + system CPU seconds this process has used so far."""
-        fields = Path(f"/proc/{self.process.pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / TICKS
-
-    def rss_mb(self) -> float:
-        for line in Path(f"/proc/{self.process.pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-        return 0.0
-
-    def stop(self) -> None:
-        """SIGTERM this process (by its PID), SIGKILL after 10 s."""
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(10)
-
-
-def spawn(name: str, argv: Sequence[str], env: dict[str, str], logs: Path) -> Proc:
-    log_path = logs / f"{name}.log"
-    with log_path.open("wb") as log:
-        process = subprocess.Popen(
-            list(argv), env=env, cwd=REPO, stdin=subprocess.DEVNULL, stdout=log,
-            stderr=subprocess.STDOUT,
-        )  # fmt: skip
-    return Proc(name, process, log_path)
-
-
-def wait_http(proc: Proc, url: str, timeout_s: float = 60.0) -> float:
-    """Polls `url` until it answers (any HTTP status); returns the seconds it took."""
-    started = time.monotonic()
-    while True:
-        try:
-            with urllib.request.urlopen(url, timeout=2):
-                return time.monotonic() - started
-        except urllib.error.HTTPError:
-            return time.monotonic() - started
-        except (urllib.error.URLError, OSError):
-            pass
-        if proc.process.poll() is not None:
-            raise RuntimeError(f"{proc.name} exited {proc.process.returncode}:\n{proc.log_tail()}")
-        if time.monotonic() - started > timeout_s:
-            raise RuntimeError(f"{proc.name} did not answer in {timeout_s} s:\n{proc.log_tail()}")
-        time.sleep(0.05)
-
-
-def salon_env(data_dir: Path, upstream_url: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SALON_")}
-    env.update(
-        {
-            "SALON_DATA_DIR": str(data_dir),
-            "SALON_MODELS": "up:mock",
-            "SALON_PROVIDERS__UP__KIND": "openai",
-            "SALON_PROVIDERS__UP__BASE_URL": upstream_url,
-            "SALON_LOG_LEVEL": "warning",
-            "PYTHONUNBUFFERED": "1",
-        }
-    )
-    return env
 
 
 # -- the load ----------------------------------------------------------------------------
@@ -309,22 +235,6 @@ async def closed_loop(
         busy = machine_busy_s() - all_before
         result.other_cpu = max(0.0, busy - own - sum(servers.values())) / result.elapsed_s
     return result
-
-
-def run_load(
-    target: Target,
-    concurrency: int,
-    duration_s: float,
-    warmup_s: float,
-    chunks: int,
-    max_streams: int,
-) -> Result:
-    coroutine = closed_loop(target, concurrency, duration_s, warmup_s, chunks, max_streams)
-    try:
-        import uvloop
-    except ImportError:
-        return asyncio.run(coroutine)
-    return uvloop.run(coroutine)
 
 
 # -- LiteLLM (optional) --------------------------------------------------------------------
@@ -504,10 +414,6 @@ def machine() -> str:
     return f"{os.cpu_count()} × {cpu}, Python {platform.python_version()}, {', '.join(versions)}"
 
 
-def write_section(section: str) -> None:
-    bench_report.write_section("gateway", section)
-
-
 # -- main ----------------------------------------------------------------------------------
 
 
@@ -546,41 +452,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     levels = [int(x) for x in args.concurrency.split(",") if x.strip()]
 
-    workdir = Path(tempfile.mkdtemp(prefix="salon-bench-gateway-"))
-    logs = workdir / "logs"
-    logs.mkdir()
+    workdir, logs = make_workdir("gateway")
     procs: list[Proc] = []
     try:
-        upstream_port = free_port()
-        upstream = spawn(
-            "upstream",
-            [sys.executable, "-m", "salon.backends.mock_upstream", "--port", str(upstream_port),
-             "--chunks", str(args.chunks)],
-            dict(os.environ), logs,
-        )  # fmt: skip
+        upstream, upstream_url, _ = start_upstream(logs, "--chunks", str(args.chunks))
         procs.append(upstream)
-        upstream_url = f"http://127.0.0.1:{upstream_port}/v1"
-        wait_http(upstream, f"{upstream_url}/models")
 
         env = salon_env(workdir / "data", upstream_url)
-        salon_cli(env, "users", "create", USERNAME, "--admin", stdin=PASSWORD)
-        key = salon_cli(env, "keys", "create", USERNAME).strip().splitlines()[-1]
-        salon_port = free_port()
-        salon = spawn(
-            "salon",
-            [sys.executable, "-m", "salon", "serve", "--host", "127.0.0.1", "--port",
-             str(salon_port)],
-            env, logs,
-        )  # fmt: skip
+        key = admin_key(env)
+        salon, salon_url, took = serve_salon(env, logs)
         procs.append(salon)
-        took = wait_http(salon, f"http://127.0.0.1:{salon_port}/api/auth/state")
         print(f"salon serve ready in {took:.1f} s (pid {salon.process.pid}); logs in {logs}")
 
         targets = [
             Target("direct", f"{upstream_url}/chat/completions", "mock", {}, (upstream,)),
             Target(
                 "salon",
-                f"http://127.0.0.1:{salon_port}/v1/chat/completions",
+                f"{salon_url}/v1/chat/completions",
                 "up:mock",
                 {"Authorization": f"Bearer {key}"},
                 (salon, upstream),
@@ -602,9 +490,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                 if args.wait_quiet:
                     wait_quiet(args.wait_quiet)
                 for target in targets:
-                    result = run_load(
+                    load = closed_loop(
                         target, level, args.duration, args.warmup, args.chunks, args.max_streams
                     )
+                    result = run_async(load)
                     results.append(result)
                     report(result, attempt)
         if args.repeat > 1:
@@ -644,11 +533,7 @@ load, {rss_end:.0f} MB after.
 
 {notes}
 """
-    print()
-    print(section)
-    if not args.no_write:
-        write_section(section)
-        print(f"wrote {bench_report.DOC.relative_to(REPO)}")
+    bench_report.publish("gateway", section, write=not args.no_write)
     return 0
 
 

@@ -35,11 +35,9 @@ import random
 import shlex
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
-import urllib.error
 import urllib.request
 import uuid
 from collections.abc import Iterator, Sequence
@@ -51,11 +49,10 @@ from typing import Any
 import sqlalchemy as sa
 
 import report as bench_report  # bench/report.py: bench/ is sys.path[0] as a script
-from harness import free_port, salon_cli
+from harness import admin_key, serve_salon
 from salon.store.db import create_engine, migrate
 from salon.store.tables import conversations, messages, users
 
-REPO = Path(__file__).resolve().parents[1]
 USERNAME = "longchat"
 PASSWORD = "long-chat-password"
 CHROMIUM = os.environ.get("SALON_E2E_CHROMIUM", "/usr/bin/chromium")
@@ -225,35 +222,14 @@ def salon_env(data_dir: Path) -> dict[str, str]:
 
 
 @contextlib.contextmanager
-def salon_serve(env: dict[str, str], log_path: Path) -> Iterator[tuple[str, float]]:
-    """`salon serve` on a free port; yields (base URL, seconds until it answered)."""
-    port = free_port()
-    base = f"http://127.0.0.1:{port}"
-    with log_path.open("wb") as log:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "salon", "serve", "--host", "127.0.0.1", "--port", str(port)],
-            env=env, cwd=REPO, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-        )  # fmt: skip
+def salon_serve(env: dict[str, str], workdir: Path) -> Iterator[tuple[str, float]]:
+    """`salon serve` on a free port (its output in WORKDIR/serve.log), stopped on leaving;
+    yields (base URL, seconds until it answered)."""
+    proc, base, ready_s = serve_salon(env, workdir, name="serve")
     try:
-        started = time.monotonic()
-        while True:
-            try:
-                with urllib.request.urlopen(f"{base}/api/auth/state", timeout=2):
-                    break
-            except (urllib.error.URLError, OSError):
-                pass
-            if process.poll() is not None or time.monotonic() - started > 60:
-                raise RuntimeError(f"salon serve did not start:\n{log_path.read_text()[-3000:]}")
-            time.sleep(0.05)
-        yield base, time.monotonic() - started
+        yield base, ready_s
     finally:
-        if process.poll() is None:
-            process.terminate()
-            try:
-                process.wait(10)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait(10)
+        proc.stop()
 
 
 # -- HTTP latency ------------------------------------------------------------------------
@@ -407,10 +383,6 @@ def measure_ui(base: str, conversation_id: str, last_id: int, runs: int) -> tupl
 # -- report ------------------------------------------------------------------------------
 
 
-def write_section(section: str) -> None:
-    bench_report.write_section("long-chat", section)
-
-
 def machine() -> str:
     cpu = platform.machine()
     with contextlib.suppress(OSError):
@@ -436,8 +408,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         data_dir = workdir / "data"
         env = salon_env(data_dir)
-        salon_cli(env, "users", "create", USERNAME, "--admin", stdin=PASSWORD)
-        key = salon_cli(env, "keys", "create", USERNAME).strip().splitlines()[-1]
+        key = admin_key(env, USERNAME, PASSWORD)
         database_url = f"sqlite+aiosqlite:///{(data_dir / 'salon.db').resolve()}"
         started = time.perf_counter()
         conversation_id = seed_long_conversation(
@@ -447,7 +418,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         db_mb = (data_dir / "salon.db").stat().st_size / 1e6
         print(f"seeded {args.messages:,} messages in {seed_s:.2f} s ({db_mb:.1f} MB database)")
 
-        with salon_serve(env, workdir / "serve.log") as (base, start_s):
+        with salon_serve(env, workdir) as (base, start_s):
             print(f"salon serve answered after {start_s:.1f} s")
             last_id = _last_id(base, key, conversation_id)
             first_id = last_id - args.messages + 1
@@ -516,11 +487,7 @@ Machine: {machine()}; {datetime.now(UTC):%Y-%m-%d}.
 
 {chr(10).join(verdicts)}
 """
-    print()
-    print(section)
-    if not args.no_write:
-        write_section(section)
-        print(f"wrote {bench_report.DOC.relative_to(REPO)}")
+    bench_report.publish("long-chat", section, write=not args.no_write)
     return 0
 
 

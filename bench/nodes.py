@@ -98,7 +98,7 @@ async def run(args: argparse.Namespace, workdir: Path) -> dict[str, dict[str, fl
             node_name=node,
             models=["fake:slow"],
             providers={"fake": ProviderSettings(kind="fake", fake_delay_s=args.delay_ms / 1000)},
-            personalization={"embedder": "hashing", "extraction": "off"},  # type: ignore[arg-type]
+            personalization={"embedder": "hashing", "extraction": "off"},
             redis_url=REDIS_URL if redis else None,
             redis_key_prefix=prefix,
         )

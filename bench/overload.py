@@ -26,35 +26,26 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import random
 import sys
-import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from pathlib import Path
 
 import aiohttp
 
 import report as bench_report  # bench/report.py: bench/ is sys.path[0] as a script
-from gateway import (
-    CONTENT,
-    PASSWORD,
-    PROMPT,
-    USERNAME,
+from gateway import CONTENT, PROMPT, fmt, machine, machine_busy_s, own_cpu_s, percentile
+from harness import (
     Proc,
-    fmt,
-    machine,
-    machine_busy_s,
-    own_cpu_s,
-    percentile,
+    admin_key,
+    make_workdir,
+    run_async,
     salon_env,
-    spawn,
-    wait_http,
+    serve_salon,
+    start_upstream,
 )
-from harness import REPO, free_port, salon_cli
 
 AIM_TTFT_RATIO, AIM_REFUSAL_MS = 2.0, 50.0
 
@@ -205,7 +196,8 @@ def summary(level: Level, base: Level) -> str:
 def section(
     args: argparse.Namespace, base: Level, levels: list[Level], capacity: float, command: str
 ) -> str:
-    hold = base.admitted and sum(o.total_ms for o in base.admitted) / len(base.admitted)
+    holds = [o.total_ms for o in base.admitted]
+    hold = sum(holds) / len(holds) if holds else 0.0
     lines = [
         "| load | arrivals/s | requests | admitted | TTFT p50 ms | TTFT p99 ms | p99 vs unloaded "
         "| refused | refusal p50 ms | refusal p99 ms | Retry-After | statuses | errors "
@@ -300,22 +292,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     multiples = [float(x) for x in args.levels.split(",") if x.strip()]
 
-    workdir = Path(tempfile.mkdtemp(prefix="salon-bench-overload-"))
-    logs = workdir / "logs"
-    logs.mkdir()
+    workdir, logs = make_workdir("overload")
     procs: list[Proc] = []
     try:
-        upstream_port = free_port()
-        upstream = spawn(
-            "upstream",
-            [sys.executable, "-m", "salon.backends.mock_upstream", "--port", str(upstream_port),
-             "--chunks", str(args.chunks), "--ttft-ms", str(args.ttft_ms),
-             "--delay-ms", str(args.delay_ms)],
-            dict(os.environ), logs,
+        upstream, upstream_url, _ = start_upstream(
+            logs, "--chunks", str(args.chunks), "--ttft-ms", str(args.ttft_ms),
+            "--delay-ms", str(args.delay_ms),
         )  # fmt: skip
         procs.append(upstream)
-        upstream_url = f"http://127.0.0.1:{upstream_port}/v1"
-        wait_http(upstream, f"{upstream_url}/models")
 
         env = salon_env(workdir / "data", upstream_url)
         env.update(
@@ -327,42 +311,26 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         if args.max_wait is not None:
             env["SALON_LIMITS__MAX_WAIT_S"] = str(args.max_wait)
-        salon_cli(env, "users", "create", USERNAME, "--admin", stdin=PASSWORD)
-        key = salon_cli(env, "keys", "create", USERNAME).strip().splitlines()[-1]
-        salon_port = free_port()
-        salon = spawn(
-            "salon",
-            [sys.executable, "-m", "salon", "serve", "--host", "127.0.0.1", "--port",
-             str(salon_port)],
-            env, logs,
-        )  # fmt: skip
+        key = admin_key(env)
+        salon, salon_url, took = serve_salon(env, logs)
         procs.append(salon)
-        took = wait_http(salon, f"http://127.0.0.1:{salon_port}/api/auth/state")
         print(f"salon serve ready in {took:.1f} s (pid {salon.process.pid}); logs in {logs}")
 
-        url = f"http://127.0.0.1:{salon_port}/v1/chat/completions"
+        url = f"{salon_url}/v1/chat/completions"
         coroutine = run_levels(
             url, key, args.chunks, args.unloaded, args.slots, multiples, args.duration, salon,
             args.seed,
         )  # fmt: skip
-        try:
-            import uvloop
-        except ImportError:
-            base, levels, capacity = asyncio.run(coroutine)
-        else:
-            base, levels, capacity = uvloop.run(coroutine)
+        base, levels, capacity = run_async(coroutine)
     finally:
         for proc in reversed(procs):
             proc.stop()
 
     command = "python bench/overload.py " + " ".join(argv if argv is not None else sys.argv[1:])
     text = section(args, base, levels, capacity, command.strip())
-    print()
-    print(text)
-    if args.write:
-        # The expected-wait bound is measured beside the fixed short queue, not instead.
-        bench_report.write_section("overload" if args.max_wait is None else "overload-wait", text)
-        print(f"wrote {bench_report.DOC.relative_to(REPO)}")
+    # The expected-wait bound is measured beside the fixed short queue, not instead.
+    name = "overload" if args.max_wait is None else "overload-wait"
+    bench_report.publish(name, text, write=args.write)
     return 0
 
 

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-DOC = Path(__file__).resolve().parents[1] / "docs" / "benchmarks.md"
+REPO = Path(__file__).resolve().parents[1]
+DOC = REPO / "docs" / "benchmarks.md"
 EMPTY = "# Benchmarks\n\nNumbers measured with `bench/`; each section names its command.\n"
 
 
@@ -21,6 +22,16 @@ def write_section(name: str, section: str, path: Path = DOC) -> None:
         text = text.rstrip("\n") + "\n\n" + block + "\n"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text)
+
+
+def publish(name: str, section: str, write: bool) -> None:
+    """Prints `section` after a blank line and, with `write`, puts it between NAME's
+    markers in docs/benchmarks.md too."""
+    print()
+    print(section)
+    if write:
+        write_section(name, section)
+        print(f"wrote {DOC.relative_to(REPO)}")
 
 
 if __name__ == "__main__":

@@ -22,22 +22,19 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import random
 import sys
-import tempfile
 import time
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from pathlib import Path
 
 import aiohttp
 
 import report as bench_report  # bench/report.py: bench/ is sys.path[0] as a script
-from gateway import CONTENT, PASSWORD, PROMPT, USERNAME, Proc, machine, salon_env, spawn, wait_http
-from harness import REPO, free_port, salon_cli
+from gateway import CONTENT, PROMPT, machine
+from harness import Proc, admin_key, make_workdir, run_async, salon_env, serve_salon, start_upstream
 
 AIM_GROWTH = 0.05
 MIX = (
@@ -191,57 +188,30 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--write", action="store_true", help="write docs/benchmarks.md")
     args = parser.parse_args(argv)
 
-    workdir = Path(tempfile.mkdtemp(prefix="salon-bench-soak-"))
-    logs = workdir / "logs"
-    logs.mkdir()
+    workdir, logs = make_workdir("soak")
     procs: list[Proc] = []
     try:
-        upstream_port = free_port()
-        upstream = spawn(
-            "upstream",
-            [sys.executable, "-m", "salon.backends.mock_upstream", "--port", str(upstream_port),
-             "--chunks", "20", "--delay-ms", "2"],
-            dict(os.environ), logs,
-        )  # fmt: skip
+        upstream, upstream_url, _ = start_upstream(logs, "--chunks", "20", "--delay-ms", "2")
         procs.append(upstream)
-        upstream_url = f"http://127.0.0.1:{upstream_port}/v1"
-        wait_http(upstream, f"{upstream_url}/models")
         env = salon_env(workdir / "data", upstream_url)
         env["SALON_MODELS"] = "up:mock,up:malformed"
         env["SALON_LIMITS__MAX_CONCURRENT"] = str(args.concurrency * 2)
-        salon_cli(env, "users", "create", USERNAME, "--admin", stdin=PASSWORD)
-        key = salon_cli(env, "keys", "create", USERNAME).strip().splitlines()[-1]
-        salon_port = free_port()
-        salon = spawn(
-            "salon",
-            [sys.executable, "-m", "salon", "serve", "--host", "127.0.0.1", "--port",
-             str(salon_port)],
-            env, logs,
-        )  # fmt: skip
+        key = admin_key(env)
+        salon, salon_url, _ = serve_salon(env, logs)
         procs.append(salon)
-        wait_http(salon, f"http://127.0.0.1:{salon_port}/api/auth/state")
         print(f"salon serve ready (pid {salon.process.pid}); logs in {logs}", flush=True)
-        url = f"http://127.0.0.1:{salon_port}/v1/chat/completions"
+        url = f"{salon_url}/v1/chat/completions"
         coroutine = load(
             url, key, args.concurrency, args.minutes * 60, args.sample, salon, args.seed,
             args.pause_ms / 1000,
         )  # fmt: skip
-        try:
-            import uvloop
-        except ImportError:
-            soak = asyncio.run(coroutine)
-        else:
-            soak = uvloop.run(coroutine)
+        soak = run_async(coroutine)
     finally:
         for proc in reversed(procs):
             proc.stop()
     command = "python bench/soak.py " + " ".join(argv if argv is not None else sys.argv[1:])
     text = section(args, soak, command.strip())
-    print()
-    print(text)
-    if args.write:
-        bench_report.write_section("soak", text)
-        print(f"wrote {bench_report.DOC.relative_to(REPO)}")
+    bench_report.publish("soak", text, write=args.write)
     return 0
 
 

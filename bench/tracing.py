@@ -28,7 +28,6 @@ import json
 import os
 import shutil
 import sys
-import tempfile
 import time
 import urllib.request
 from collections.abc import Sequence
@@ -36,22 +35,19 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import report as bench_report  # bench/report.py: bench/ is sys.path[0] as a script
-from gateway import (
-    PASSWORD,
-    USERNAME,
+from gateway import Result, Target, closed_loop, fmt, machine, report, wait_quiet
+from harness import (
     Proc,
-    Result,
-    Target,
-    fmt,
-    machine,
-    report,
-    run_load,
+    admin_key,
+    free_port,
+    make_workdir,
+    run_async,
     salon_env,
+    serve_salon,
     spawn,
+    start_upstream,
     wait_http,
-    wait_quiet,
 )
-from harness import free_port, salon_cli
 
 # (name, sample ratio): off, every request traced, one in ten.
 VARIANTS: list[tuple[str, float | None]] = [("off", None), ("on", 1.0), ("on-10%", 0.1)]
@@ -110,19 +106,11 @@ def start_salon(
 ) -> tuple[Proc, Target]:
     env = salon_env(workdir / name, upstream_url)
     env.update(extra)
-    salon_cli(env, "users", "create", USERNAME, "--admin", stdin=PASSWORD)
-    key = salon_cli(env, "keys", "create", USERNAME).strip().splitlines()[-1]
-    port = free_port()
-    proc = spawn(
-        f"salon-{name}",
-        [sys.executable, "-m", "salon", "serve", "--host", "127.0.0.1", "--port", str(port)],
-        env,
-        logs,
-    )
-    wait_http(proc, f"http://127.0.0.1:{port}/api/auth/state")
+    key = admin_key(env)
+    proc, url, _ = serve_salon(env, logs, f"salon-{name}")
     target = Target(
         name,
-        f"http://127.0.0.1:{port}/v1/chat/completions",
+        f"{url}/v1/chat/completions",
         "up:mock",
         {"Authorization": f"Bearer {key}"},
         (proc,),
@@ -206,19 +194,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     levels = [int(x) for x in args.concurrency.split(",") if x.strip()]
 
-    workdir = Path(tempfile.mkdtemp(prefix="salon-bench-tracing-"))
-    logs = workdir / "logs"
-    logs.mkdir()
+    workdir, logs = make_workdir("tracing")
     procs: list[Proc] = []
     try:
-        upstream_port, collector_port = free_port(), free_port()
-        upstream = spawn(
-            "upstream",
-            [sys.executable, "-m", "salon.backends.mock_upstream", "--port", str(upstream_port),
-             "--chunks", str(args.chunks)],
-            dict(os.environ), logs,
-        )  # fmt: skip
+        upstream, upstream_url, _ = start_upstream(logs, "--chunks", str(args.chunks))
         procs.append(upstream)
+        collector_port = free_port()
         sink = spawn(
             "collector",
             [sys.executable, __file__, "--collector", str(collector_port)],
@@ -226,9 +207,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             logs,
         )
         procs.append(sink)
-        upstream_url = f"http://127.0.0.1:{upstream_port}/v1"
         collector_url = f"http://127.0.0.1:{collector_port}"
-        wait_http(upstream, f"{upstream_url}/models")
         wait_http(sink, f"{collector_url}/stats")
 
         targets: list[Target] = []
@@ -254,9 +233,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                 order = targets[attempt % 3 :] + targets[: attempt % 3]
                 runs = {}
                 for target in order:
-                    result = run_load(
+                    load = closed_loop(
                         target, level, args.duration, args.warmup, args.chunks, args.max_streams
                     )
+                    result = run_async(load)
                     report(result, attempt)
                     runs[target.name] = result
                 results += [runs[name] for name, _ in VARIANTS]
