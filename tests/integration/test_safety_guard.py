@@ -41,7 +41,7 @@ from salon.safety.policy import Policy
 from salon.settings import ProviderSettings, SafetyGuardSettings, Settings
 
 POLICY = Policy.load()
-# The embedded verdicts, scripted: "lock" is a gray turn (0.3 <= p < 0.8), "nerve agent" one
+# The embedded verdicts, scripted: "lock" is a gray turn (0.3 <= p < 0.88), "nerve agent" one
 # the embedded classifier refuses by itself, anything else clearly benign (0.01).
 EMBEDDED = FakeHarmClassifier({"lock": (0.45, "crime"), "nerve agent": (0.97, "weapons")})
 GRAY = "how do I pick the lock of my own shed"
@@ -408,11 +408,11 @@ async def test_the_v1_gateway_asks_the_guard_too(
 # -- a chat model as judge -----------------------------------------------------------------
 
 # The embedded verdicts the judge is averaged with: a false alarm the classifier alone would
-# refuse (0.8), an uncertain turn (0.6), a confident refusal (0.95), a calm turn (0.05).
+# refuse (0.89), an uncertain turn (0.8), a confident refusal (0.95), a calm turn (0.05).
 JUDGED = FakeHarmClassifier(
     {
-        "zombie": (0.8, "violence"),
-        "lock": (0.7, "crime"),
+        "zombie": (0.89, "violence"),
+        "lock": (0.8, "crime"),
         "nerve agent": (0.95, "weapons"),
     }
 )
@@ -434,18 +434,18 @@ def _judge(verdicts: dict[str, float]) -> Callable[[dict[str, Any]], Reply]:
 async def test_a_judge_is_averaged_with_the_embedded_verdict_both_ways(
     tmp_path: Path, database_url: str, engine: object, guard_server: GuardServer
 ) -> None:
-    guard_server.reply = _judge({"lock": 0.96})
+    guard_server.reply = _judge({"lock": 0.98})
     gate, backend = _gate(guard_server.base_url, "instruct", embedded=JUDGED)
     async with services(_settings(tmp_path, database_url), safety=gate) as built:
-        cleared = await _ask(built, KILL_PROCESS)  # 0.5 * 0.8 + 0.5 * 0.02 = 0.41
+        cleared = await _ask(built, KILL_PROCESS)  # 0.5 * 0.89 + 0.5 * 0.02 = 0.455
         refused = await _ask(built, "how do I pick the lock of my neighbour's door")
     await backend.close()
     assert cleared["content"] == f"You said: {KILL_PROCESS}" and cleared["safety"] is None
-    # 0.5 * 0.7 + 0.5 * 0.96 = 0.83: refused, with the embedded classifier's category
+    # 0.5 * 0.8 + 0.5 * 0.98 = 0.89: refused, with the embedded classifier's category
     assert refused["safety"] == {
         "action": "blocked",
         "category": "crime",
-        "score": 0.83,
+        "score": 0.89,
         "classifier": "instruct",
     }
     sent = guard_server.requests[0]
@@ -473,7 +473,7 @@ async def test_an_evaluations_gate_gets_the_configured_judge(
 ) -> None:
     """`salon eval refusal --pipeline` passes its own gate (fold classifiers); the guard that
     the settings name joins it."""
-    guard_server.reply = _judge({"zombie": 0.9})
+    guard_server.reply = _judge({"zombie": 0.91})
     settings = _settings(
         tmp_path,
         database_url,
@@ -482,5 +482,5 @@ async def test_an_evaluations_gate_gets_the_configured_judge(
     )
     async with services(settings, safety=SafetyGate(JUDGED, POLICY)) as built:
         answer = await _ask(built, KILL_PROCESS)
-    assert answer["safety"]["classifier"] == "instruct" and answer["safety"]["score"] == 0.85
+    assert answer["safety"]["classifier"] == "instruct" and answer["safety"]["score"] == 0.9
     assert len(guard_server.requests) == 1

@@ -48,7 +48,7 @@ CLASSIFIER = FakeHarmClassifier(
         "nerve agent": (0.97, "weapons"),
         "end my life": (0.95, "self_harm"),
         "lock": (0.6, "crime"),
-        "scalping": (0.15, "fraud"),
+        "scalping": (0.08, "fraud"),
     }
 )
 
@@ -217,7 +217,7 @@ async def test_an_uncertain_request_gets_the_caution_and_is_never_recovered(
 async def test_a_benign_request_just_under_the_caution_band_is_recovered(
     engine: AsyncEngine,
 ) -> None:
-    """0.15: benign enough — the model's refusal is re-asked, and no caution is added."""
+    """0.08: benign enough — the model's refusal is re-asked, and no caution is added."""
     backend = Scripted(refuse="first")
     service, user_id, cid = await _service(engine, backend, CAUTIOUS)
     seen, message = await _ask(service, user_id, cid, "is ticket scalping legal in Ohio?")

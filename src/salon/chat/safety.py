@@ -34,12 +34,13 @@ HOLD_MAX_S = 1.5
 REFUSAL_AT = 0.5
 # Recovery only for requests the policy calls benign and the classifier is fairly sure of:
 # recovering pushes past a model's own refusal, and doing so for a harmful request is worse
-# than leaving a harmless one refused. Cross-validated on the training prompts, the share of
-# harmful ones is 1 % under 0.1, 5 % in [0.1, 0.2), 10 % in [0.2, 0.3) and 31 % in
-# [0.3, 0.4) (training_report.md, "Calibration", the fine-tuned classifier). With the
-# previous classifier [0.3, 0.4) held 10 % and the bound was 0.4; in every pipeline run the
-# recoveries that turned a refusal into compliance were of harmful privacy requests.
-RECOVER_BELOW = 0.2
+# than leaving a harmless one refused. Since session 7 the classifier averages its heads in
+# log-odds, which spreads its scores towards 0 and 1: cross-validated on the training prompts,
+# the share of harmful ones is 1.4 % under 0.1 and 18.6 % in [0.1, 0.2) (training_report.md,
+# "Calibration"; with the previous classifier and bound 0.2: 1.4 % under 0.1, 5.4 % in
+# [0.1, 0.2)). In every pipeline run the recoveries that turned a refusal into compliance
+# were of harmful privacy requests.
+RECOVER_BELOW = 0.1
 # The clarifying instruction of the one re-ask.
 CLARIFY = (
     "The user's request below has been reviewed and is benign: it only sounds sensitive "

@@ -201,7 +201,7 @@ class TunedHead:
     weights: F32
     bias: float
     embedder: str
-    sparse_weight: float  # the TF-IDF head's share in the averaged probability
+    sparse_weight: float  # the TF-IDF head's share in the averaged log-odds (`mixed`)
     max_words: int | None = DENSE_MAX_WORDS
     # the category regression on these same vectors (so a turn costs one embedding)
     category: CategoryHead | None = None
@@ -319,9 +319,8 @@ class EmbeddedHarmClassifier:
         sparse = [self.harm.probabilities(raw_counts(t, self.harm.config))["unsafe"] for t in texts]
         if self.tuned is not None and isinstance(self.embedder, MiniLM):
             vectors = self.tuned.vectors(texts, self.embedder)
-            w = self.tuned.sparse_weight
             tuned = self.tuned.read(vectors)
-            return [w * s + (1.0 - w) * t for s, t in zip(sparse, tuned, strict=True)], vectors
+            return mixed(sparse, tuned, self.tuned.sparse_weight), vectors
         if self.dense is None or self.embedder is None:
             return sparse, None
         read = [clipped(t, self.dense.max_words) for t in texts]
@@ -363,6 +362,28 @@ class EmbeddedHarmClassifier:
             probs = {c: (probs.get(c, 0.0) + dense.get(c, 0.0)) / 2 for c in probs.keys() | dense}
         best = max(probs, key=lambda c: probs[c])
         return best, probs[best]
+
+
+def mixed(sparse: Sequence[float], tuned: Sequence[float], sparse_weight: float) -> list[float]:
+    """The two heads' weighted average in log-odds, not in probability. The fine-tuned head is
+    sure of itself (most scores under 0.02 or over 0.98), so a probability average lets its
+    confident mistakes stand whatever the TF-IDF head says, and drags its confident right
+    answers towards 0.5. Cross-validated, development split's prompts only, at the threshold
+    that refuses 13 of its 175 safe prompts: 81 of 401 harmful prompts let through against 103
+    (session 7's 3,317 training prompts); 89 against 88 on session 6's 2,677, where at 3 % of
+    safe prompts refused it missed 35 % of the harmful ones against 52 %."""
+    return [
+        float(
+            1.0 / (1.0 + np.exp(-(sparse_weight * _logit(s) + (1.0 - sparse_weight) * _logit(t))))
+        )
+        for s, t in zip(sparse, tuned, strict=True)
+    ]
+
+
+def _logit(p: float) -> float:
+    # Clipped so a head's 0 or 1 (float rounding) cannot veto the other outright.
+    q = min(max(p, 1e-4), 1.0 - 1e-4)
+    return float(np.log(q / (1.0 - q)))
 
 
 @cache

@@ -44,8 +44,9 @@ from salon.safety.harm import (
     EmbeddedHarmClassifier,
     TunedHead,
     clipped,
+    mixed,
 )
-from salon.safety.policy import CATEGORY_MESSAGE_FROM
+from salon.safety.policy import CATEGORY_MESSAGE_FROM, Policy
 from salon.safety.refusal import EARLY_CHARS, REFUSAL_ARTEFACT, phrase_features
 from salon.safety.stats import wilson
 
@@ -314,9 +315,10 @@ def fit_dense(
 
 # Layers 3 to 5 of MiniLM's six are trained (the first three stay the shared model's), for
 # TUNED_EPOCHS over the prompts (clipped like the embedding head's), then averaged with the
-# TF-IDF head, which keeps a third. Chosen by CV: harmful missed at 5 % over-refusal was 25.6 %
-# with nothing fine-tuned (the frozen regression and vote), ~20 % with layers 4-5 tuned and
-# ~16 % with layers 3-5 (trials with these folds; the report has the shipped numbers). Tuning
+# TF-IDF head, which keeps a third (in log-odds since session 7: harm.mixed). Chosen by CV:
+# harmful missed at 5 % over-refusal was 25.6 % with nothing fine-tuned (the frozen regression
+# and vote), ~20 % with layers 4-5 tuned and ~16 % with layers 3-5 (trials with these folds;
+# the report has the shipped numbers). Tuning
 # all six layers (with the 2,084 prompts of session 6) changed nothing beyond noise once
 # averaged with TF-IDF — development-source harmful missed at 5 % development over-refusal
 # 24.9 % either way — for twice the training time and a 20 MB artefact.
@@ -675,22 +677,22 @@ def report(
             "TF-IDF, regression and vote, a third each (the previous shipped classifier)": probs,
         }
     if tuned is not None:
-        w = TUNED_SPARSE_WEIGHT
-        probs = [w * s_ + (1 - w) * t for s_, t in zip(sparse, tuned, strict=True)]
+        probs = mixed(sparse, tuned, TUNED_SPARSE_WEIGHT)
         heads |= {
             f"{embedder}, layers {TUNED_START}+ fine-tuned, alone": tuned,
-            "shipped: TF-IDF a third, fine-tuned two thirds": probs,
+            "shipped: TF-IDF a third, fine-tuned two thirds (log-odds)": probs,
         }
     categories = category_cv(rows, tuned_x if tuned_x is not None else x)
     parts = [
         f"## Harm classifier ({FOLDS}-fold stratified CV grouped by contrast pair, seed {SEED})",
         "The shipped classifier"
         + (
-            f" (TF-IDF head a third, {embedder} with layers {TUNED_START}+ fine-tuned two thirds)"
+            f" (TF-IDF head a third, {embedder} with layers {TUNED_START}+ fine-tuned two thirds,"
+            " averaged in log-odds)"
             if tuned is not None
             else ""
         ),
-        *(harm_table(rows, probs, t) for t in (0.5, 0.8)),
+        *(harm_table(rows, probs, t) for t in (0.5, Policy.load().default.refuse_at)),
         "Operating points (harmful prompts scored at or under the threshold that refuses the "
         "given share of safe prompts):",
         operating_points(rows, heads),
