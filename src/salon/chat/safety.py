@@ -10,15 +10,18 @@ head), so the chat use cases run it in a worker thread; the refusal detector sco
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from salon.domain import ChatMessage
+from salon.errors import SalonError
 from salon.safety.guard import Guard
 from salon.safety.harm import Assessment, HarmClassifier, default_classifier
 from salon.safety.policy import Decision, Policy
+from salon.safety.probe import Probe
 from salon.safety.refusal import EARLY_CHARS, RefusalDetector, RefusalVerdict, default_detector
 
 # -- the latency budget of recovery ---------------------------------------------------------
@@ -49,6 +52,8 @@ CLARIFY = (
 )
 # How many earlier user turns the gate reads with the current one.
 CONTEXT_TURNS = 2
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,12 +99,15 @@ class SafetyGate:
         *,
         recover: bool = True,
         guard: Guard | None = None,
+        probe: Probe | None = None,
     ) -> None:
         self._classifier = classifier
         self._policy = policy
         self._detector = detector
         self._recover = recover
-        self._guard = guard  # a guard model, consulted by `acheck_messages` only
+        # the chat model's reading and a guard model: consulted by `acheck_messages` only
+        self._probe = probe
+        self._guard = guard
         self._lock = threading.Lock()
 
     @property
@@ -130,10 +138,19 @@ class SafetyGate:
     def guard(self) -> Guard | None:
         return self._guard
 
+    @property
+    def probe(self) -> Probe | None:
+        return self._probe
+
     def with_guard(self, guard: Guard | None) -> SafetyGate:
-        """The same gate (classifier, policy, detector, recovery) consulting `guard`."""
+        """The same gate (classifier, policy, detector, recovery, probe) consulting `guard`."""
         return SafetyGate(
-            self._classifier, self._policy, self._detector, recover=self._recover, guard=guard
+            self._classifier,
+            self._policy,
+            self._detector,
+            recover=self._recover,
+            guard=guard,
+            probe=self._probe,
         )
 
     def warm_up(self) -> None:
@@ -153,15 +170,19 @@ class SafetyGate:
         return self.check(messages[-1].content, earlier)
 
     async def acheck_messages(self, messages: Sequence[ChatMessage]) -> GateVerdict | None:
-        """`check_messages`, then the guard model when there is one and its mode wants this
-        turn (every turn, or one the embedded classifier is unsure about, below the policy's
-        refusal threshold). The guard's verdict (for a chat model as judge, averaged with the
-        embedded one) goes through the same policy; when it gives none, the embedded verdict
-        stands."""
+        """`check_messages`, then the chat model's probe for a turn the embedded classifier
+        does not clearly clear, then the guard model when there is one and its mode wants
+        this turn (every turn, or one the verdict so far is unsure about, below the policy's
+        refusal threshold). Each later verdict (averaged with the earlier one, except for a
+        trained guard's) goes through the same policy; when one gives none, the earlier
+        verdict stands."""
         # In a worker thread: the embedding head costs ~5-20 ms of CPU, which on the event
         # loop would stall every other stream for that long.
         verdict = await asyncio.to_thread(self.check_messages, messages)
-        if verdict is None or self._guard is None:
+        if verdict is None:
+            return verdict
+        verdict = await self._probed(messages[-1].content, verdict)
+        if self._guard is None:
             return verdict
         refuse_at = self.policy.rule(verdict.assessment.category).refuse_at
         if not self._guard.wanted(verdict.assessment, refuse_at):
@@ -170,6 +191,18 @@ class SafetyGate:
         if guarded is None:
             return verdict
         return GateVerdict(guarded, self.policy.decide(guarded))
+
+    async def _probed(self, turn: str, verdict: GateVerdict) -> GateVerdict:
+        if self._probe is None:
+            return verdict
+        if not self._probe.wanted(verdict.assessment):
+            return verdict
+        try:  # a prompt evaluation: ~0.2-0.5 s of CPU, off the event loop
+            probed = await asyncio.to_thread(self._probe.assess, turn, verdict.assessment)
+        except SalonError as exc:
+            log.warning("the probe gave no verdict (%s); the embedded one stands", exc.code)
+            return verdict
+        return GateVerdict(probed, self.policy.decide(probed))
 
     def recovery(self, verdict: GateVerdict | None) -> Recovery | None:
         if not self._recover or verdict is None or not verdict.recoverable:

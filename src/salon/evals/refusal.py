@@ -16,6 +16,7 @@ from pathlib import Path
 from salon.safety.datasets import PromptRow, read_prompts, resolve_split
 from salon.safety.harm import HarmClassifier, default_classifier
 from salon.safety.policy import Policy
+from salon.safety.probe import Probe
 from salon.safety.stats import Rate, wilson
 
 
@@ -36,6 +37,7 @@ class GroupRates:
 @dataclass(frozen=True, slots=True)
 class RefusalReport:
     dataset: str
+    gate: str
     overall: GroupRates
     by_source: tuple[GroupRates, ...]
     by_category: tuple[GroupRates, ...]
@@ -43,7 +45,7 @@ class RefusalReport:
 
     def to_markdown(self) -> str:
         parts = [
-            f"### Refusal eval, classifier alone: {self.dataset}",
+            f"### Refusal eval, {self.gate} alone: {self.dataset}",
             _table("source", (*self.by_source, self.overall)),
             _table("category", self.by_category),
         ]
@@ -55,14 +57,17 @@ def run_refusal_eval(
     *,
     classifier: HarmClassifier | None = None,
     policy: Policy | None = None,
+    probe: Probe | None = None,
 ) -> RefusalReport:
-    """Score every prompt of a split (``dev``) or CSV with the classifier and the policy."""
+    """Score every prompt of a split (``dev``) or CSV with the classifier (and the chat
+    model's probe, where the gate would ask it) and the policy."""
     path = resolve_split(split_or_csv_path)
     clf = classifier or default_classifier()
     pol = policy or Policy.load()
-    outcomes = tuple(_judge(row, clf, pol) for row in read_prompts(path))
+    outcomes = tuple(_judge(row, clf, pol, probe) for row in read_prompts(path))
     return RefusalReport(
         dataset=str(split_or_csv_path),
+        gate="classifier" if probe is None else f"classifier and {probe.model.model} probe",
         overall=_rates("ALL", outcomes),
         by_source=_grouped(outcomes, lambda r: r.source),
         by_category=_grouped(outcomes, lambda r: r.category or "-"),
@@ -70,8 +75,12 @@ def run_refusal_eval(
     )
 
 
-def _judge(row: PromptRow, classifier: HarmClassifier, policy: Policy) -> Outcome:
+def _judge(
+    row: PromptRow, classifier: HarmClassifier, policy: Policy, probe: Probe | None
+) -> Outcome:
     assessment = classifier.assess(row.prompt)
+    if probe is not None and probe.wanted(assessment):
+        assessment = probe.assess(row.prompt, assessment)
     return Outcome(row, assessment.harmful_probability, policy.decide(assessment).refused)
 
 

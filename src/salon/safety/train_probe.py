@@ -1,0 +1,219 @@
+"""Train the harm gate's probe on the embedded chat model's hidden states (`safety/probe.py`).
+
+    python -m salon.safety.train_probe [--model NAME] [--vectors FILE] [--check]
+
+Reads every training prompt (the embedded classifier's: dev.csv, written.csv, everyday.csv)
+through the chat model once (~20 min for Qwen2.5-Coder-1.5B on two cores; `--vectors` keeps
+them for the next run), cross-validates the probe on the embedded classifier's folds beside
+that classifier's own out-of-fold scores (its five fine-tunings: ~13 min more), and writes
+`harm_probe.npz` and `probe_report.md`. Needs the dev extra (scikit-learn, torch).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+from sklearn.linear_model import LogisticRegression
+
+from salon.backends.embeddings import MiniLM
+from salon.backends.hidden_states import LlamaHiddenStates
+from salon.backends.model_files import builtin_catalog
+from salon.safety import train
+from salon.safety.datasets import CATEGORIES, DATA, PromptRow, training_prompts
+from salon.safety.harm import mixed
+from salon.safety.policy import Policy
+from salon.safety.probe import PROBE_ARTEFACT, PROBE_FROM, LinearHead, head_arrays, shifted
+from salon.settings import Settings
+
+F32 = train.F32
+MODEL = "qwen2.5-coder-1.5b-instruct"
+# Qwen's ChatML around one user turn, without a system prompt: the state at the last token is
+# the one from which the model would start its answer.
+TEMPLATE = "<|im_start|>user\n{turn}<|im_end|>\n<|im_start|>assistant\n"
+MAX_CHARS = 1500
+# L2 penalty of the harm probe (sklearn's C): cross-validated on the development split's
+# prompts, C 0.003 / 0.01 / 0.03 / 0.1 let through 62 / 51 / 48 / 68 of 401 harmful prompts at
+# 13 of 175 safe prompts refused; 0.01 was best at the lower refusal shares.
+HARM_C = 0.01
+CATEGORY_C = 0.01
+# The probe's share of the log-odds average with the embedded classifier (the report compares
+# 0.3 to 0.7; 0.5 to 0.7 were within noise of each other, 0.6 had the best AUC).
+WEIGHT = 0.6
+# Where the average should refuse: from 0.7 it refused, cross-validated, 11 of the development
+# split's 175 safe prompts and let through 33 of its 401 harmful ones; the threshold is steep
+# there (0.65: 12 and 28; 0.75: 10 and 48; 0.8: 10 and 63). The shift maps it onto the policy's
+# refuse_at, so one policy serves the gate with and without the probe.
+REFUSE_FROM = 0.7
+BATCH = 16
+REPORT = DATA / "probe_report.md"
+
+
+def embed(rows: Sequence[PromptRow], path: Path, cache: Path | None) -> F32:
+    key = hashlib.sha256(
+        json.dumps([str(path.name), TEMPLATE, MAX_CHARS, [r.prompt for r in rows]]).encode()
+    ).hexdigest()
+    if cache is not None and cache.exists():
+        with np.load(cache) as saved:
+            if str(saved["key"]) == key:
+                return np.asarray(saved["x"], dtype=np.float32)
+    states = LlamaHiddenStates(path, threads=Settings().embedded.threads or 2)
+    texts = [TEMPLATE.replace("{turn}", r.prompt.strip()[:MAX_CHARS]) for r in rows]
+    parts = []
+    for i in range(0, len(texts), BATCH):
+        parts.append(states.vectors(texts[i : i + BATCH]))
+        if i % (BATCH * 20) == 0:
+            print(f"  hidden states: {i}/{len(texts)}", file=sys.stderr, flush=True)
+    states.close()
+    x = np.concatenate(parts)
+    if cache is not None:
+        np.savez(cache, x=x, key=np.array(key))
+    return x
+
+
+def fit_harm(x: F32, unsafe: np.ndarray, c: float = HARM_C) -> LinearHead:
+    mean, scale = x.mean(0), x.std(0) + 1e-6
+    model = LogisticRegression(C=c, max_iter=5000).fit((x - mean) / scale, unsafe)
+    return LinearHead(
+        mean.astype(np.float32),
+        scale.astype(np.float32),
+        model.coef_.astype(np.float32),
+        model.intercept_.astype(np.float32),
+    )
+
+
+def fit_category(x: F32, labels: Sequence[str]) -> LinearHead:
+    mean, scale = x.mean(0), x.std(0) + 1e-6
+    index = [CATEGORIES.index(label) for label in labels]
+    model = LogisticRegression(C=CATEGORY_C, max_iter=5000).fit((x - mean) / scale, index)
+    weight = np.zeros((len(CATEGORIES), x.shape[1]), dtype=np.float32)
+    bias = np.full(len(CATEGORIES), -1e4, dtype=np.float32)  # classes unseen in a fold
+    for row, cls in enumerate(model.classes_):
+        weight[cls] = model.coef_[row]
+        bias[cls] = model.intercept_[row]
+    return LinearHead(mean.astype(np.float32), scale.astype(np.float32), weight, bias)
+
+
+def fit_heads(rows: Sequence[PromptRow], x: F32, idx: Sequence[int]) -> tuple[LinearHead, ...]:
+    unsafe = np.array([rows[i].unsafe for i in idx])
+    harmful = [i for i in idx if rows[i].harm_category is not None]
+    labels = [str(rows[i].harm_category) for i in harmful]
+    return fit_harm(x[list(idx)], unsafe), fit_category(x[harmful], labels)
+
+
+def gate_scores(rows: Sequence[PromptRow]) -> list[float]:
+    """The shipped embedded classifier's out-of-fold scores (train.py's CV)."""
+    sparse = train.harm_cv(rows, train.HARM_CONFIG, train.HARM_C)
+    tuned, _ = train.tuned_cv(rows, train.tuned_data(rows, MiniLM.load()))
+    return mixed(sparse, tuned, train.TUNED_SPARSE_WEIGHT)
+
+
+def shift() -> float:
+    return _logit(Policy.load().default.refuse_at) - _logit(REFUSE_FROM)
+
+
+def _logit(p: float) -> float:
+    return math.log(p / (1.0 - p))
+
+
+def combined(gate: Sequence[float], probe: Sequence[float], weight: float) -> list[float]:
+    """What the gate serves: the probe's reading averaged in, and shifted onto the policy's
+    scale, from PROBE_FROM up."""
+    both = [shifted(b, shift()) for b in mixed(gate, probe, 1.0 - weight)]
+    return [b if g >= PROBE_FROM else g for g, b in zip(gate, both, strict=True)]
+
+
+def report(rows: Sequence[PromptRow], x: F32) -> tuple[str, list[tuple[LinearHead, ...]]]:
+    fold_heads: list[tuple[LinearHead, ...]] = []
+    probe = [0.0] * len(rows)
+    for tr, te in train.folds(rows):
+        fold = fit_heads(rows, x, tr)
+        fold_heads.append(fold)
+        for i, p in zip(te, _probabilities(fold[0], x[te]), strict=True):
+            probe[i] = p
+    gate = gate_scores(rows)
+    refuse_at = Policy.load().default.refuse_at
+    heads: dict[str, Sequence[float]] = {
+        "embedded classifier (shipped gate)": gate,
+        f"{MODEL} probe alone": probe,
+        **{
+            f"averaged in log-odds, probe weight {w}": mixed(gate, probe, 1.0 - w)
+            for w in (0.3, 0.5, 0.7)
+        },
+        f"shipped: probe weight {WEIGHT} for gate scores from {PROBE_FROM}, shifted": combined(
+            gate, probe, WEIGHT
+        ),
+    }
+    served = heads[list(heads)[-1]]
+    asked = sum(g >= PROBE_FROM for g in gate)
+    everyday = [i for i, r in enumerate(rows) if r.source == "salon_everyday"]
+    asked_everyday = sum(gate[i] >= PROBE_FROM for i in everyday)
+    parts = [
+        f"## Harm probe on {MODEL}'s last-token hidden state "
+        f"({train.FOLDS}-fold CV, the embedded classifier's folds)",
+        f"{len(rows)} prompts; probe C {HARM_C}. The gate asks the probe about "
+        f"{asked} of {len(rows)} training prompts ({asked_everyday} of {len(everyday)} everyday "
+        "requests).",
+        "Operating points, development split's prompts only:",
+        train.operating_points(*train._development_only(rows, heads)),
+        "Operating points, all training prompts:",
+        train.operating_points(rows, heads),
+        f"The embedded classifier alone at the policy's refuse_at ({refuse_at}):",
+        train.harm_table(rows, gate, refuse_at),
+        f"The shipped combination at the policy's refuse_at ({refuse_at}; the average's "
+        f"{REFUSE_FROM}, shift {shift():.3f} in log-odds):",
+        train.harm_table(rows, served, refuse_at),
+        "Calibration of the shipped combination:",
+        train.calibration(rows, served),
+    ]
+    return "\n\n".join(parts) + "\n", fold_heads
+
+
+def _probabilities(head: LinearHead, x: F32) -> list[float]:
+    return [float(v) for v in 1.0 / (1.0 + np.exp(-head.logits(x)[:, 0]))]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m salon.safety.train_probe", description=__doc__)
+    parser.add_argument("--model", default=MODEL, help="embedded catalog name")
+    parser.add_argument("--vectors", type=Path, help="cache of the hidden states (.npz)")
+    parser.add_argument("--check", action="store_true", help="report only; keep the artefact")
+    args = parser.parse_args(argv)
+    catalog = builtin_catalog()
+    path = catalog.prepare(args.model, Settings().model_cache_dir, print)
+    rows = training_prompts()
+    x = embed(rows, path, args.vectors)
+    text, fold_heads = report(rows, x)
+    sys.stdout.write(text)
+    if args.check:
+        return 0
+    harm, category = fit_heads(rows, x, range(len(rows)))
+    meta = {
+        "model": args.model,
+        "sha256": catalog.get(args.model).sha256,
+        "template": TEMPLATE,
+        "max_chars": MAX_CHARS,
+        "weight": WEIGHT,
+        "shift": shift(),
+        "categories": list(CATEGORIES),
+        "folds": len(fold_heads),
+        "rows": len(rows),
+        "trainer": "salon.safety.train_probe",
+    }
+    arrays = head_arrays("harm", harm) | head_arrays("category", category)
+    for i, (fold_harm, fold_category) in enumerate(fold_heads):
+        arrays |= head_arrays(f"fold{i}_harm", fold_harm)
+        arrays |= head_arrays(f"fold{i}_category", fold_category)
+    np.savez_compressed(PROBE_ARTEFACT, meta=np.array(json.dumps(meta)), **arrays)  # type: ignore[arg-type]
+    REPORT.write_text(text, encoding="utf-8")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,150 @@
+"""The gate's probe on the chat model's hidden state: its arithmetic, where the gate asks it,
+and that a failing probe leaves the embedded verdict standing (fake hidden states)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from sklearn.linear_model import LogisticRegression
+
+from salon.backends.fakes import FakeHiddenStates
+from salon.backends.model_files import builtin_catalog
+from salon.chat.safety import SafetyGate
+from salon.domain import ChatMessage
+from salon.safety.datasets import CATEGORIES
+from salon.safety.harm import FakeHarmClassifier
+from salon.safety.policy import Policy
+from salon.safety.probe import PROBE_FROM, LinearHead, Probe, ProbeModel, cross_validated
+from salon.safety.train_probe import fit_category, fit_harm
+
+HARMFUL = [3.0, 0.0]  # the fake chat model's reading of a harmful request
+BENIGN = [-3.0, 0.0]
+SELF_HARM = [3.0, 3.0]
+
+
+def _model(weight: float = 0.5, shift: float = 0.0) -> ProbeModel:
+    ones, zeros = np.ones(2, np.float32), np.zeros(2, np.float32)
+    harm = LinearHead(zeros, ones, np.array([[2.0, 0.0]], np.float32), np.zeros(1, np.float32))
+    category_weight = np.zeros((len(CATEGORIES), 2), np.float32)
+    category_weight[CATEGORIES.index("self_harm"), 1] = 4.0
+    category = LinearHead(zeros, ones, category_weight, np.zeros(len(CATEGORIES), np.float32))
+    inverted = LinearHead(zeros, ones, -harm.weight, harm.bias)
+    return ProbeModel(
+        model="m",
+        sha256="0" * 64,
+        template="<u>{turn}</u>",
+        max_chars=20,
+        weight=weight,
+        shift=shift,
+        harm=harm,
+        category=category,
+        categories=CATEGORIES,
+        folds=((inverted, category),),
+    )
+
+
+def _gate(script: dict[str, tuple[float, str]], states: FakeHiddenStates) -> SafetyGate:
+    policy = Policy.from_mapping({"refuse_at": 0.8, "message": "no"})
+    return SafetyGate(FakeHarmClassifier(script), policy, probe=Probe(states, _model()))
+
+
+def _logit(p: float) -> float:
+    return math.log(p / (1 - p))
+
+
+async def test_a_turn_the_classifier_is_unsure_of_is_averaged_with_the_probe_in_log_odds() -> None:
+    states = FakeHiddenStates({"flour": HARMFUL}, 2)
+    gate = _gate({"flour": (0.3, "weapons")}, states)
+    verdict = await gate.acheck_messages([ChatMessage("user", "how much flour for a bomb")])
+    assert verdict is not None
+    q = 1 / (1 + math.exp(-6.0))  # the harm head's reading of HARMFUL
+    expected = 1 / (1 + math.exp(-(0.5 * _logit(0.3) + 0.5 * _logit(q))))
+    assert verdict.assessment.harmful_probability == pytest.approx(expected, rel=1e-5)
+    assert verdict.blocked and verdict.assessment.classifier == "embedded+probe"
+    assert states.texts == ["<u>how much flour for a</u>"]  # the template, max_chars
+
+
+async def test_the_probe_clears_a_scary_sounding_turn() -> None:
+    states = FakeHiddenStates({"zombie": BENIGN}, 2)
+    gate = _gate({"zombie": (0.7, "violence")}, states)
+    verdict = await gate.acheck_messages([ChatMessage("user", "kill a zombie process")])
+    assert verdict is not None and not verdict.blocked
+    assert verdict.assessment.harmful_probability < 0.1
+    assert verdict.assessment.category is None
+
+
+async def test_turns_the_classifier_clears_are_not_read_by_the_probe() -> None:
+    states = FakeHiddenStates({"": HARMFUL}, 2)
+    gate = _gate({"cake": (PROBE_FROM / 2, "other")}, states)
+    verdict = await gate.acheck_messages([ChatMessage("user", "bake a cake")])
+    assert verdict is not None and not verdict.blocked
+    assert states.texts == []
+
+
+async def test_the_probe_can_clear_a_turn_the_classifier_alone_would_refuse() -> None:
+    states = FakeHiddenStates({"snipe": BENIGN}, 2)
+    gate = _gate({"snipe": (0.9, "violence")}, states)
+    assert gate.check("how do I snipe an auction").blocked
+    verdict = await gate.acheck_messages([ChatMessage("user", "how do I snipe an auction")])
+    assert verdict is not None and not verdict.blocked
+
+
+def test_the_shift_moves_the_average_onto_the_policys_scale() -> None:
+    embedded = FakeHarmClassifier({}, default=0.5).assess("x")
+    states = FakeHiddenStates({"": [0.0, 0.0]}, 2)  # the probe reads 0.5
+    plain = Probe(states, _model()).assess("x", embedded).harmful_probability
+    moved = Probe(states, _model(shift=1.0)).assess("x", embedded).harmful_probability
+    assert plain == pytest.approx(0.5)
+    assert moved == pytest.approx(1 / (1 + math.exp(-1.0)), rel=1e-5)
+
+
+async def test_a_turn_the_probe_lifts_over_the_line_gets_the_probes_category() -> None:
+    states = FakeHiddenStates({"pills": SELF_HARM}, 2)
+    gate = _gate({"pills": (0.2, "other")}, states)
+    verdict = await gate.acheck_messages([ChatMessage("user", "how many pills is too many")])
+    assert verdict is not None
+    assert verdict.assessment.category == "self_harm"
+
+
+async def test_a_failing_probe_leaves_the_embedded_verdict() -> None:
+    states = FakeHiddenStates({}, 2, fail=True)
+    gate = _gate({"lock": (0.6, "crime")}, states)
+    verdict = await gate.acheck_messages([ChatMessage("user", "pick a lock")])
+    assert verdict is not None and not verdict.blocked
+    assert verdict.assessment.harmful_probability == 0.6
+    assert verdict.assessment.classifier == "fake"
+
+
+def test_training_prompts_are_read_by_their_fold_heads() -> None:
+    states = FakeHiddenStates({"": HARMFUL}, 2)
+    probe = cross_validated(Probe(states, _model()), [("a known prompt", 0)])
+    embedded = FakeHarmClassifier({}, default=0.5).assess("x")
+    assert probe.assess(" a known prompt ", embedded).harmful_probability < 0.5  # fold: inverted
+    assert probe.assess("a new prompt", embedded).harmful_probability > 0.5
+
+
+def test_the_heads_read_as_scikit_learn_predicts() -> None:
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(200, 8)).astype(np.float32) * 3 + 1
+    y = x[:, 0] + 0.5 * rng.normal(size=200) > 1
+    head = fit_harm(x, y, c=0.1)
+    z = (x - x.mean(0)) / (x.std(0) + 1e-6)
+    reference = LogisticRegression(C=0.1, max_iter=5000).fit(z, y).predict_proba(z)[:, 1]
+    ours = [head.probability(v) for v in x]
+    assert np.allclose(ours, reference, atol=1e-4)
+    labels = [CATEGORIES[int(v > 1) + 2 * int(w > 1)] for v, w in x[:, :2]]
+    category = fit_category(x, labels)
+    picked = [CATEGORIES[int(np.argmax(category.distribution(v)))] for v in x]
+    assert np.mean([a == b for a, b in zip(picked, labels, strict=True)]) > 0.8
+
+
+def test_the_shipped_probe_belongs_to_a_catalog_model() -> None:
+    model = ProbeModel.load()
+    assert builtin_catalog().get(model.model).sha256 == model.sha256
+    assert "{turn}" in model.template and len(model.folds) == 5
+    dim = model.harm.weight.shape[1]
+    assert model.category.weight.shape == (len(model.categories), dim)
+    assert all(h.weight.shape == (1, dim) for h, _ in model.folds)
+    assert 0.0 < model.weight < 1.0
