@@ -4,6 +4,7 @@ and that a failing probe leaves the embedded verdict standing (fake hidden state
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import numpy as np
 import pytest
@@ -14,7 +15,7 @@ from salon.backends.model_files import builtin_catalog
 from salon.chat.safety import SafetyGate
 from salon.domain import ChatMessage
 from salon.safety.datasets import CATEGORIES
-from salon.safety.harm import FakeHarmClassifier
+from salon.safety.harm import Assessment, FakeHarmClassifier
 from salon.safety.policy import Policy
 from salon.safety.probe import PROBE_FROM, LinearHead, Probe, ProbeModel, cross_validated
 from salon.safety.train_probe import fit_category, fit_harm
@@ -148,3 +149,21 @@ def test_the_shipped_probe_belongs_to_a_catalog_model() -> None:
     assert model.category.weight.shape == (len(model.categories), dim)
     assert all(h.weight.shape == (1, dim) for h, _ in model.folds)
     assert 0.0 < model.weight < 1.0
+
+
+async def test_a_follow_up_read_with_its_context_is_probed_with_it_too() -> None:
+    class ReadWithContext:
+        def assess(self, turn: str, context: Sequence[str] = ()) -> Assessment:
+            return Assessment(0.6, "violence", 0.9, used_context=bool(context), classifier="fake")
+
+    states = FakeHiddenStates({"poison": HARMFUL}, 2)
+    policy = Policy.from_mapping({"refuse_at": 0.8, "message": "no"})
+    gate = SafetyGate(ReadWithContext(), policy, probe=Probe(states, _model(shift=0.0)))
+    conversation = [
+        ChatMessage("user", "I want to poison my husband"),
+        ChatMessage("assistant", "I can't help with that."),
+        ChatMessage("user", "ok, how much would be enough?"),
+    ]
+    verdict = await gate.acheck_messages(conversation)
+    assert verdict is not None and verdict.blocked
+    assert states.texts == ["<u>I want to poison my </u>"]  # the joined text, max_chars

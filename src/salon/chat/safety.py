@@ -181,7 +181,8 @@ class SafetyGate:
         verdict = await asyncio.to_thread(self.check_messages, messages)
         if verdict is None:
             return verdict
-        verdict = await self._probed(messages[-1].content, verdict)
+        earlier = [m.content for m in messages[:-1] if m.role == "user"]
+        verdict = await self._probed(messages[-1].content, earlier, verdict)
         if self._guard is None:
             return verdict
         refuse_at = self.policy.rule(verdict.assessment.category).refuse_at
@@ -192,13 +193,13 @@ class SafetyGate:
             return verdict
         return GateVerdict(guarded, self.policy.decide(guarded))
 
-    async def _probed(self, turn: str, verdict: GateVerdict) -> GateVerdict:
+    async def _probed(self, turn: str, earlier: list[str], verdict: GateVerdict) -> GateVerdict:
         if self._probe is None:
             return verdict
         if not self._probe.wanted(verdict.assessment):
             return verdict
         try:  # a prompt evaluation: ~0.2-0.5 s of CPU, off the event loop
-            probed = await asyncio.to_thread(self._probe.assess, turn, verdict.assessment)
+            probed = await asyncio.to_thread(self._probe.assess, turn, verdict.assessment, earlier)
         except SalonError as exc:
             log.warning("the probe gave no verdict (%s); the embedded one stands", exc.code)
             return verdict

@@ -36,7 +36,7 @@ DENSE_ARTEFACT = DATA / "harm_dense.json"
 NEIGHBOURS_ARTEFACT = DATA / "harm_neighbours.npy"
 # the embedding model's upper layers fine-tuned for harm, with their head (float16)
 TUNED_ARTEFACT = DATA / "harm_tuned.npz"
-_CONTEXT_TURNS = 2
+CONTEXT_TURNS = 2  # earlier user turns a short follow-up is read with
 _FOLLOW_UP_WORDS = 12
 # No policy may refuse below 0.5 (see policy.MIN_REFUSE_AT), so below it the category is not
 # needed; skipping the 13-class head there halves the cost of a typical benign turn.
@@ -333,7 +333,7 @@ class EmbeddedHarmClassifier:
         return self.probabilities([text])[0]
 
     def assess(self, turn: str, context: Sequence[str] = ()) -> Assessment:
-        recent = [c for c in context[-_CONTEXT_TURNS:] if c.strip()]
+        recent = [c for c in context[-CONTEXT_TURNS:] if c.strip()]
         # Only short follow-ups are read with their context ("ok, how much of it would be
         # enough?" after "I want to poison my husband"); a self-contained turn is judged alone,
         # so an earlier harmful turn (already assessed then) does not taint an unrelated one.

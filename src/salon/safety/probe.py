@@ -25,7 +25,7 @@ import numpy.typing as npt
 
 from salon.backends.hidden_states import HiddenStates
 from salon.safety.datasets import DATA
-from salon.safety.harm import Assessment, mixed
+from salon.safety.harm import CONTEXT_TURNS, Assessment, mixed
 
 F32 = npt.NDArray[np.float32]
 PROBE_ARTEFACT = DATA / "harm_probe.npz"
@@ -143,9 +143,15 @@ class Probe:
     def wanted(self, embedded: Assessment) -> bool:
         return embedded.harmful_probability >= PROBE_FROM
 
-    def assess(self, turn: str, embedded: Assessment) -> Assessment:
-        """Blocking (a prompt evaluation): call it from a worker thread."""
-        vector = self.states.vectors([self.model.prompt(turn)])[0]
+    def assess(self, turn: str, embedded: Assessment, context: Sequence[str] = ()) -> Assessment:
+        """Blocking (a prompt evaluation): call it from a worker thread. When the embedded
+        verdict read the turn with the earlier user turns (a short follow-up), so does the
+        probe: "ok, how much would be enough?" alone is harmless."""
+        text = turn
+        if embedded.used_context:
+            recent = [c for c in context[-CONTEXT_TURNS:] if c.strip()]
+            text = "\n".join([*recent, turn])
+        vector = self.states.vectors([self.model.prompt(text)])[0]
         harm, category = self.by_prompt.get(turn.strip(), (self.model.harm, self.model.category))
         p = self.model.combined(embedded.harmful_probability, harm.probability(vector))
         if p < _CATEGORY_FROM:
