@@ -121,7 +121,9 @@ async def services(
     if safety is None and settings.safety_enabled:
         policy = Policy.load(settings.safety_policy_file) if settings.safety_policy_file else None
         safety = SafetyGate(
-            policy=policy, guard=_guard(settings, registry, metrics), probe=load_probe(settings)
+            policy=policy,
+            guard=_guard(settings, registry, metrics),
+            probe=load_probe(settings, metrics),
         )
     elif (
         safety is not None and safety.guard is None
@@ -218,7 +220,7 @@ def _guard(settings: Settings, registry: BackendRegistry, metrics: Metrics | Non
     return Guard(classifier, config.mode)
 
 
-def load_probe(settings: Settings) -> Probe | None:
+def load_probe(settings: Settings, metrics: Metrics | None = None) -> Probe | None:
     """The shipped probe, when `safety_probe` allows it and its model file is prepared."""
     if settings.safety_probe == "off" or not PROBE_ARTEFACT.exists():
         return None
@@ -232,7 +234,8 @@ def load_probe(settings: Settings) -> Probe | None:
         log.warning("safety probe off: it was trained on another file of %s", model.model)
         return None
     threads = settings.embedded.threads or os.cpu_count() or 1
-    return Probe(LlamaHiddenStates(info.path, threads), model)
+    observed = metrics.guard(f"probe:{model.model}") if metrics is not None else None
+    return Probe(LlamaHiddenStates(info.path, threads), model, metrics=observed)
 
 
 def _admission(settings: Settings, store: AccountStore, metrics: Metrics | None) -> Admission:

@@ -14,6 +14,7 @@ from salon.backends.fakes import FakeHiddenStates
 from salon.backends.model_files import builtin_catalog
 from salon.chat.safety import SafetyGate
 from salon.domain import ChatMessage
+from salon.observability.metrics import Metrics
 from salon.safety.datasets import CATEGORIES
 from salon.safety.harm import Assessment, FakeHarmClassifier
 from salon.safety.policy import Policy
@@ -167,3 +168,20 @@ async def test_a_follow_up_read_with_its_context_is_probed_with_it_too() -> None
     verdict = await gate.acheck_messages(conversation)
     assert verdict is not None and verdict.blocked
     assert states.texts == ["<u>I want to poison my </u>"]  # the joined text, max_chars
+
+
+async def test_consultations_are_counted_for_the_admin() -> None:
+    metrics = Metrics()
+    policy = Policy.from_mapping({"refuse_at": 0.8, "message": "no"})
+    classifier = FakeHarmClassifier({"flour": (0.3, "weapons"), "lock": (0.6, "crime")})
+    working = Probe(FakeHiddenStates({"flour": HARMFUL}, 2), _model(), metrics=metrics.guard("p"))
+    broken = Probe(FakeHiddenStates({}, 2, fail=True), _model(), metrics=metrics.guard("p"))
+    await SafetyGate(classifier, policy, probe=working).acheck_messages(
+        [ChatMessage("user", "flour bomb")]
+    )
+    await SafetyGate(classifier, policy, probe=broken).acheck_messages(
+        [ChatMessage("user", "pick a lock")]
+    )
+    text = metrics.render().decode()
+    assert 'salon_safety_guard_consultations_total{model="p",outcome="unsafe"} 1.0' in text
+    assert 'salon_safety_guard_consultations_total{model="p",outcome="error"} 1.0' in text

@@ -17,13 +17,15 @@ used only when that file is present, whatever model the user chats with.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+from time import perf_counter
 
 import numpy as np
 import numpy.typing as npt
 
 from salon.backends.hidden_states import HiddenStates
+from salon.observability.metrics import GuardMetrics
 from salon.safety.datasets import DATA
 from salon.safety.harm import CONTEXT_TURNS, Assessment, mixed
 
@@ -139,6 +141,9 @@ class Probe:
     model: ProbeModel
     by_prompt: Mapping[str, tuple[LinearHead, LinearHead]] = field(default_factory=dict)
     name: str = "embedded+probe"
+    # consultations (outcome safe / unsafe / error) and their time, under the guard metrics'
+    # names with model "probe:<model>"
+    metrics: GuardMetrics | None = None
 
     def wanted(self, embedded: Assessment) -> bool:
         return embedded.harmful_probability >= PROBE_FROM
@@ -151,9 +156,15 @@ class Probe:
         if embedded.used_context:
             recent = [c for c in context[-CONTEXT_TURNS:] if c.strip()]
             text = "\n".join([*recent, turn])
-        vector = self.states.vectors([self.model.prompt(text)])[0]
+        start = perf_counter()
+        try:
+            vector = self.states.vectors([self.model.prompt(text)])[0]
+        except Exception:
+            self._observe("error", start)
+            raise
         harm, category = self.by_prompt.get(turn.strip(), (self.model.harm, self.model.category))
         p = self.model.combined(embedded.harmful_probability, harm.probability(vector))
+        self._observe("unsafe" if p >= _CATEGORY_FROM else "safe", start)
         if p < _CATEGORY_FROM:
             return Assessment(p, None, 0.0, embedded.used_context, self.name)
         # the embedded classifier's category where it gave one with conviction (its category
@@ -172,8 +183,12 @@ class Probe:
             p, self.model.categories[best], float(dist[best]), embedded.used_context, self.name
         )
 
+    def _observe(self, outcome: str, start: float) -> None:
+        if self.metrics is not None:
+            self.metrics.consulted(outcome, perf_counter() - start)
+
 
 def cross_validated(probe: Probe, fold_of: Sequence[tuple[str, int]]) -> Probe:
     """`probe` with each training prompt read by the fold heads that never saw it."""
     by_prompt = {prompt.strip(): probe.model.folds[i] for prompt, i in fold_of}
-    return Probe(probe.states, probe.model, by_prompt, name="embedded+probe-cv")
+    return replace(probe, by_prompt=by_prompt, name="embedded+probe-cv")
