@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import platform
 import random
-import statistics
 import time
 from collections.abc import Sequence
 from datetime import UTC, datetime
@@ -29,38 +28,38 @@ from salon.safety.probe import PROBE_FROM, Probe
 from salon.settings import Settings
 
 
-def timings(rows: Sequence[PromptRow], probe: Probe) -> tuple[list[float], list[float], int]:
-    """Per prompt: the classifier's seconds, the whole gate's seconds; how many were probed."""
+def timings(rows: Sequence[PromptRow], probe: Probe) -> list[tuple[float, float | None]]:
+    """Per prompt: the classifier's seconds, and the probe's where the gate asked it."""
     classifier = default_classifier()
-    alone, gate, probed = [], [], 0
+    out: list[tuple[float, float | None]] = []
     for row in rows:
         start = time.perf_counter()
         assessment = classifier.assess(row.prompt)
         middle = time.perf_counter()
+        probed = None
         if probe.wanted(assessment):
             probe.assess(row.prompt, assessment)
-            probed += 1
-        end = time.perf_counter()
-        alone.append(middle - start)
-        gate.append(end - start)
-    return alone, gate, probed
+            probed = time.perf_counter() - middle
+        out.append((middle - start, probed))
+    return out
 
 
 def pct(values: Sequence[float], q: float) -> float:
     ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else 0.0
 
 
 def line(name: str, rows: Sequence[PromptRow], probe: Probe) -> str:
-    alone, gate, probed = timings(rows, probe)
-    extra = [g - a for a, g in zip(alone, gate, strict=True) if g - a > 0]
+    measured = timings(rows, probe)
+    alone = [a for a, _ in measured]
+    gate = [a + (p or 0.0) for a, p in measured]
+    probed = [p for _, p in measured if p is not None]
     ms = 1000.0
     return (
-        f"| {name} | {len(rows)} | {probed} ({probed / len(rows):.0%}) "
+        f"| {name} | {len(rows)} | {len(probed)} ({len(probed) / len(rows):.0%}) "
         f"| {pct(alone, 0.5) * ms:.0f} / {pct(alone, 0.95) * ms:.0f} "
         f"| {pct(gate, 0.5) * ms:.0f} / {pct(gate, 0.95) * ms:.0f} "
-        f"| {statistics.median(extra) * ms if extra else 0:.0f} / "
-        f"{pct(extra, 0.95) * ms if extra else 0:.0f} |"
+        f"| {pct(probed, 0.5) * ms:.0f} / {pct(probed, 0.95) * ms:.0f} |"
     )
 
 
