@@ -199,9 +199,14 @@ def runtime_params(settings: EmbeddedSettings, model_path: Path, socket_dir: Pat
     # Keep any reasoning text in the content we relay instead of dropping it.
     params.reasoning_format = xllamacpp.common_reasoning_format.COMMON_REASONING_FORMAT_NONE
     params.verbosity = 3 if runtime_logger.isEnabledFor(logging.DEBUG) else 0
-    # The runtime always opens an HTTP listener. Keep it off the network (a unix socket in
-    # a private directory) and closed even to local users (a key nobody knows, no /slots,
-    # which would show conversation text).
+    private_listener(params, socket_dir)
+    return params
+
+
+def private_listener(params: Any, socket_dir: Path) -> None:
+    """The runtime always opens an HTTP listener. Keep it off the network (a unix socket in
+    a private directory) and closed even to local users (a key nobody knows, no /slots,
+    which would show conversation text)."""
     params.hostnames = [str(socket_dir / "llama.sock")]
     params.api_keys = [secrets.token_urlsafe(32)]
     params.endpoint_slots = False
@@ -209,7 +214,6 @@ def runtime_params(settings: EmbeddedSettings, model_path: Path, socket_dir: Pat
     params.endpoint_props = False
     params.ui = False
     params.n_threads_http = 1
-    return params
 
 
 def resolve_threads(settings: EmbeddedSettings) -> int:

@@ -9,7 +9,6 @@ memory is one small context (~30 MB for Qwen2.5-Coder-1.5B).
 
 from __future__ import annotations
 
-import secrets
 import shutil
 import tempfile
 import threading
@@ -21,6 +20,7 @@ import numpy as np
 import numpy.typing as npt
 import xllamacpp
 
+from salon.backends.embedded import private_listener
 from salon.errors import BackendError
 
 F32 = npt.NDArray[np.float32]
@@ -75,15 +75,8 @@ class LlamaHiddenStates:
         params.cpuparams.n_threads = self._threads
         params.cpuparams_batch.n_threads = self._threads
         params.verbosity = 0
-        # As for the chat runtime (embedded.py): a private unix socket and a key nobody knows.
         self._socket_dir = Path(tempfile.mkdtemp(prefix="salon-probe-"))
-        params.hostnames = [str(self._socket_dir / "llama.sock")]
-        params.api_keys = [secrets.token_urlsafe(32)]
-        params.endpoint_slots = False
-        params.endpoint_metrics = False
-        params.endpoint_props = False
-        params.ui = False
-        params.n_threads_http = 1
+        private_listener(params, self._socket_dir)
         try:
             self._server = xllamacpp.Server(params)
         except Exception as exc:
