@@ -16,6 +16,8 @@ from salon.app import load_probe
 from salon.backends.hidden_states import LlamaHiddenStates
 from salon.backends.model_files import prepare
 from salon.errors import BackendError
+from salon.safety.datasets import training_prompts
+from salon.safety.train_probe import embed
 from salon.settings import EmbeddedSettings, Settings
 
 REPO = Path(__file__).resolve().parents[2]
@@ -71,3 +73,17 @@ def test_the_shipped_probe_reads_its_model_as_it_was_trained(tmp_path: Path) -> 
     finally:
         probe.states.close()
     assert load_probe(settings.model_copy(update={"safety_probe": "off"})) is None
+
+
+def test_the_trainer_reads_only_prompts_its_cache_lacks(tmp_path: Path) -> None:
+    rows = training_prompts()[:4]
+    cache = tmp_path / "vectors.npz"
+    model = prepare("smollm2-135m-instruct", CACHE)
+    first = embed(rows[:3], model, cache)
+    # A file of the same name that is no model: only what the cache holds can be answered.
+    stand_in = tmp_path / model.name
+    stand_in.write_bytes(b"not a model")
+    again = embed([rows[2], rows[0]], stand_in, cache)
+    assert np.array_equal(again, first[[2, 0]])
+    with pytest.raises(BackendError):
+        embed(rows, stand_in, cache)  # the fourth prompt needs the model

@@ -4,7 +4,7 @@
 
 Reads every training prompt (the embedded classifier's: dev.csv, written.csv, everyday.csv)
 through the chat model once (~20 min for Qwen2.5-Coder-1.5B on two cores; `--vectors` keeps
-them for the next run), cross-validates the probe on the embedded classifier's folds beside
+them, and a later run reads only new prompts), cross-validates the probe on the embedded classifier's folds beside
 that classifier's own out-of-fold scores (its five fine-tunings: ~13 min more), and writes
 `harm_probe.npz` and `probe_report.md`. Needs the dev extra (scikit-learn, torch).
 """
@@ -56,25 +56,39 @@ REPORT = DATA / "probe_report.md"
 
 
 def embed(rows: Sequence[PromptRow], path: Path, cache: Path | None) -> F32:
-    key = hashlib.sha256(
-        json.dumps([str(path.name), TEMPLATE, MAX_CHARS, [r.prompt for r in rows]]).encode()
-    ).hexdigest()
-    if cache is not None and cache.exists():
-        with np.load(cache) as saved:
-            if str(saved["key"]) == key:
-                return np.asarray(saved["x"], dtype=np.float32)
-    states = LlamaHiddenStates(path, threads=Settings().embedded.threads or 2)
+    """Every row's hidden state. With `cache`, states already there (same model file,
+    template and clipping) are reused and only new prompts are read, so adding prompts to the
+    training set costs their reading only."""
     texts = [TEMPLATE.replace("{turn}", r.prompt.strip()[:MAX_CHARS]) for r in rows]
-    parts = []
-    for i in range(0, len(texts), BATCH):
-        parts.append(states.vectors(texts[i : i + BATCH]))
-        if i % (BATCH * 20) == 0:
-            print(f"  hidden states: {i}/{len(texts)}", file=sys.stderr, flush=True)
-    states.close()
-    x = np.concatenate(parts)
-    if cache is not None:
-        np.savez(cache, x=x, key=np.array(key))
+    known = _cached(cache, path)
+    missing = sorted({t for t in texts if t not in known})
+    if missing:
+        states = LlamaHiddenStates(path, threads=Settings().embedded.threads or 2)
+        try:
+            for i in range(0, len(missing), BATCH):
+                batch = missing[i : i + BATCH]
+                known.update(zip(batch, states.vectors(batch), strict=True))
+                if i % (BATCH * 20) == 0:
+                    print(f"  hidden states: {i}/{len(missing)}", file=sys.stderr, flush=True)
+        finally:
+            states.close()
+    x = np.stack([known[t] for t in texts]).astype(np.float32)
+    if cache is not None and missing:
+        np.savez(cache, x=x, texts=np.array(texts), key=np.array(_cache_key(path)))
     return x
+
+
+def _cache_key(path: Path) -> str:
+    return hashlib.sha256(json.dumps([path.name, TEMPLATE, MAX_CHARS]).encode()).hexdigest()
+
+
+def _cached(cache: Path | None, path: Path) -> dict[str, F32]:
+    if cache is None or not cache.exists():
+        return {}
+    with np.load(cache) as saved:
+        if "texts" not in saved.files or str(saved["key"]) != _cache_key(path):
+            return {}
+        return dict(zip((str(t) for t in saved["texts"]), saved["x"], strict=True))
 
 
 def fit_harm(x: F32, unsafe: np.ndarray, c: float = HARM_C) -> LinearHead:
