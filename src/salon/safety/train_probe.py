@@ -4,9 +4,10 @@
 
 Reads every training prompt (the embedded classifier's: dev.csv, written.csv, everyday.csv)
 through the chat model once (~20 min for Qwen2.5-Coder-1.5B on two cores; `--vectors` keeps
-them, and a later run reads only new prompts), cross-validates the probe on the embedded classifier's folds beside
-that classifier's own out-of-fold scores (its five fine-tunings: ~13 min more), and writes
-`harm_probe.npz` and `probe_report.md`. Needs the dev extra (scikit-learn, torch).
+them, and a later run reads only new prompts), cross-validates the probe on the embedded
+classifier's folds beside that classifier's own out-of-fold scores (its five fine-tunings:
+~13 min more), and writes `harm_probe.npz` and `probe_report.md`. Needs the dev extra
+(scikit-learn, torch).
 """
 
 from __future__ import annotations
