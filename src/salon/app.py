@@ -118,13 +118,11 @@ async def services(
     personalizer = _personalizer(settings, engine)
     assert personalizer.memory is not None
     await personalizer.memory.purge()
+    probe = None  # the probe this function creates (and so closes): an evaluation's is its own
     if safety is None and settings.safety_enabled:
         policy = Policy.load(settings.safety_policy_file) if settings.safety_policy_file else None
-        safety = SafetyGate(
-            policy=policy,
-            guard=_guard(settings, registry, metrics),
-            probe=load_probe(settings, metrics),
-        )
+        probe = load_probe(settings, metrics)
+        safety = SafetyGate(policy=policy, guard=_guard(settings, registry, metrics), probe=probe)
     elif (
         safety is not None and safety.guard is None
     ):  # an evaluation's gate: the deployment's guard
@@ -170,8 +168,8 @@ async def services(
             await broadcast.close()
         await admission.close()
         await registry.close()
-        if safety is not None and safety.probe is not None:
-            safety.probe.states.close()
+        if probe is not None:
+            probe.states.close()
         await engine.dispose()
 
 
