@@ -44,7 +44,7 @@ from salon.backends.base import TextBackend
 from salon.domain import ChatMessage, CompletionRequest, SamplingParams, TextDelta, TokenLogprobs
 from salon.errors import BackendTimeout, ConfigError
 from salon.observability.metrics import GuardMetrics
-from salon.safety.harm import Assessment
+from salon.safety.harm import CATEGORY_FROM, Assessment
 
 log = logging.getLogger(__name__)
 
@@ -73,8 +73,6 @@ FOLLOW_UP_WORDS = 12
 # Earlier messages are cut to this many characters: they only give context, and the guard's
 # cost grows with its prompt. The turn itself is sent whole.
 CONTEXT_CHARS = 2000
-# No policy refuses below 0.5 (policy.MIN_REFUSE_AT): below it a category means nothing.
-CATEGORY_FROM = 0.5
 TOP_LOGPROBS = 5
 GUARD_SESSION = "salon-safety-guard"
 # When one answer names several harms, the reply of the most protective one is sent (a

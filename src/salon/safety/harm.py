@@ -40,7 +40,7 @@ CONTEXT_TURNS = 2  # earlier user turns a short follow-up is read with
 _FOLLOW_UP_WORDS = 12
 # No policy may refuse below 0.5 (see policy.MIN_REFUSE_AT), so below it the category is not
 # needed; skipping the 13-class head there halves the cost of a typical benign turn.
-_CATEGORY_FROM = 0.5
+CATEGORY_FROM = 0.5
 
 
 @dataclass(frozen=True, slots=True)
@@ -344,7 +344,7 @@ class EmbeddedHarmClassifier:
         if with_context and probs[1] > probs[0]:
             chosen, used = 1, True
         p = probs[chosen]
-        if p < _CATEGORY_FROM:
+        if p < CATEGORY_FROM:
             return Assessment(p, None, 0.0, used, self.name)
         text = joined if used else turn
         category, p_cat = self._category(text, None if vectors is None else vectors[chosen])

@@ -16,6 +16,7 @@ used only when that file is present, whatever model the user chats with.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -27,7 +28,7 @@ import numpy.typing as npt
 from salon.backends.hidden_states import HiddenStates
 from salon.observability.metrics import GuardMetrics
 from salon.safety.datasets import DATA
-from salon.safety.harm import CONTEXT_TURNS, Assessment, mixed
+from salon.safety.harm import CATEGORY_FROM, CONTEXT_TURNS, Assessment, mixed
 
 F32 = npt.NDArray[np.float32]
 PROBE_ARTEFACT = DATA / "harm_probe.npz"
@@ -36,7 +37,6 @@ PROBE_ARTEFACT = DATA / "harm_probe.npz"
 # from 0.01 or from 0.1 changes nothing measurable, and from 0.1 it reads a fifth of everyday
 # requests instead of nine tenths (probe_report.md).
 PROBE_FROM = 0.1
-_CATEGORY_FROM = 0.5
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,8 +95,6 @@ class ProbeModel:
         meta = arrays.pop("meta").item()
         if not isinstance(meta, str):
             raise ValueError(f"{path}: no metadata")
-        import json
-
         info = json.loads(meta)
 
         def head(prefix: str) -> LinearHead:
@@ -164,12 +162,12 @@ class Probe:
             raise
         harm, category = self.by_prompt.get(turn.strip(), (self.model.harm, self.model.category))
         p = self.model.combined(embedded.harmful_probability, harm.probability(vector))
-        self._observe("unsafe" if p >= _CATEGORY_FROM else "safe", start)
-        if p < _CATEGORY_FROM:
+        self._observe("unsafe" if p >= CATEGORY_FROM else "safe", start)
+        if p < CATEGORY_FROM:
             return Assessment(p, None, 0.0, embedded.used_context, self.name)
         # the embedded classifier's category where it gave one with conviction (its category
         # accuracy is measured; the probe's is not yet), else the probe's own
-        if embedded.category is not None and embedded.harmful_probability >= _CATEGORY_FROM:
+        if embedded.category is not None and embedded.harmful_probability >= CATEGORY_FROM:
             return Assessment(
                 p,
                 embedded.category,
