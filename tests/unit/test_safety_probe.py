@@ -38,6 +38,7 @@ def _model(weight: float = 0.5, shift: float = 0.0) -> ProbeModel:
         sha256="0" * 64,
         template="<u>{turn}</u>",
         max_chars=20,
+        layers=None,
         weight=weight,
         shift=shift,
         harm=harm,

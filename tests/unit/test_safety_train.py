@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
 import pytest
 
 pytest.importorskip("sklearn")
 
 from salon.safety.datasets import training_prompts
 from salon.safety.harm import EmbeddedHarmClassifier
-from salon.safety.train import cross_validated_classifier, folds
+from salon.safety.train import cross_validated_classifier, folds, gate_oof, save_oof
 
 
 def test_folds_cover_every_prompt_once_and_keep_contrast_twins_together() -> None:
@@ -36,3 +40,17 @@ def test_cross_validated_scores_differ_from_the_shipped_model_on_seen_prompts() 
     # text the training set does not hold goes to the full model
     other = "How do I make a sourdough starter from scratch?"
     assert cv.assess(other) == full.assess(other)
+
+
+def test_out_of_fold_scores_are_kept_for_the_same_rows_only(tmp_path: Path) -> None:
+    rows = training_prompts()[:6]
+    cache = tmp_path / "oof.npz"
+    scores = [0.1, 0.9, 0.2, 0.8, 0.3, 0.7]
+    save_oof(cache, rows, scores)
+    assert gate_oof(rows, cache) == scores  # no fine-tuning: the kept scores answer
+    relabelled = [replace(rows[0], label="unsafe" if rows[0].label == "safe" else "safe")]
+    with np.load(cache) as saved:
+        kept = str(saved["key"])
+    save_oof(cache, [*relabelled, *rows[1:]], scores)
+    with np.load(cache) as saved:
+        assert str(saved["key"]) != kept  # a relabelled prompt is other data

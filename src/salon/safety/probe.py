@@ -71,6 +71,9 @@ class ProbeModel:
     sha256: str
     template: str  # the chat template around one user turn; "{turn}" marks the turn
     max_chars: int
+    # the probe reads the state after this many of the model's layers (the model file cut
+    # there, backends/layer_slice.py); None: after all of them
+    layers: int | None
     weight: float  # the probe's share of the log-odds average with the embedded classifier
     # added to the average's log-odds so that the policy's thresholds, chosen for the embedded
     # classifier alone, fall where the average should refuse (the trainer's choice)
@@ -108,6 +111,7 @@ class ProbeModel:
             sha256=info["sha256"],
             template=info["template"],
             max_chars=int(info["max_chars"]),
+            layers=int(info["layers"]) if info.get("layers") else None,
             weight=float(info["weight"]),
             shift=float(info["shift"]),
             harm=head("harm"),

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import copy
 import csv
+import hashlib
 import json
 import math
 import sys
@@ -22,6 +23,7 @@ from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from itertools import pairwise
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -724,10 +726,40 @@ def compare_dense(rows: Sequence[PromptRow], x: F32, embedder: str) -> str:
     )
 
 
+def gate_oof(rows: Sequence[PromptRow], cache: Path | None = None) -> list[float]:
+    """The shipped classifier's out-of-fold scores (TF-IDF and fine-tuned heads, each fold's
+    trained without it). With `cache`, kept there under a key of the rows and the trainer's
+    settings: the five fine-tunings cost ~13 min, and train_probe needs the same scores."""
+    key = _oof_key(rows)
+    if cache is not None and cache.exists():
+        with np.load(cache) as saved:
+            if str(saved["key"]) == key:
+                return [float(v) for v in saved["scores"]]
+    sparse = harm_cv(rows, HARM_CONFIG, HARM_C)
+    tuned, _ = tuned_cv(rows, tuned_data(rows, MiniLM.load()))
+    scores = mixed(sparse, tuned, TUNED_SPARSE_WEIGHT)
+    if cache is not None:
+        save_oof(cache, rows, scores)
+    return scores
+
+
+def save_oof(cache: Path, rows: Sequence[PromptRow], scores: Sequence[float]) -> None:
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    np.savez(cache, key=np.array(_oof_key(rows)), scores=np.asarray(scores, dtype=np.float64))
+
+
+def _oof_key(rows: Sequence[PromptRow]) -> str:
+    settings = [SEED, FOLDS, HARM_C, repr(HARM_CONFIG), TUNED_START, TUNED_EPOCHS]
+    settings.append(TUNED_SPARSE_WEIGHT)
+    data = [[r.uid, r.prompt, r.label, r.harm_category] for r in rows]
+    return hashlib.sha256(json.dumps([settings, data]).encode()).hexdigest()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m salon.safety.train", description=__doc__)
     parser.add_argument("--check", action="store_true", help="report only; keep the artefacts")
     parser.add_argument("--compare", action="store_true", help="also compare feature sets")
+    parser.add_argument("--oof", type=Path, help="keep the out-of-fold scores here (train_probe)")
     args = parser.parse_args(argv)
     rows = training_prompts()
     replies = read_replies()
@@ -735,6 +767,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     x = embed_prompts(rows, embedder)
     data = tuned_data(rows, embedder)
     tuned, tuned_x = tuned_cv(rows, data)
+    if args.oof is not None:
+        save_oof(
+            args.oof, rows, mixed(harm_cv(rows, HARM_CONFIG, HARM_C), tuned, TUNED_SPARSE_WEIGHT)
+        )
     text = report(rows, replies, args.compare, x, embedder.name, tuned, tuned_x)
     sys.stdout.write(text)
     if not args.check:

@@ -23,8 +23,8 @@ from pathlib import Path
 import numpy as np
 from sklearn.linear_model import LogisticRegression
 
-from salon.backends.embeddings import MiniLM
 from salon.backends.hidden_states import LlamaHiddenStates
+from salon.backends.layer_slice import first_layers
 from salon.backends.model_files import builtin_catalog
 from salon.safety import train
 from salon.safety.datasets import CATEGORIES, DATA, PromptRow, training_prompts
@@ -39,6 +39,9 @@ MODEL = "qwen2.5-coder-1.5b-instruct"
 # the one from which the model would start its answer.
 TEMPLATE = "<|im_start|>user\n{turn}<|im_end|>\n<|im_start|>assistant\n"
 MAX_CHARS = 1500
+# The probe reads the state after this many of the model's 28 layers (the file cut there,
+# backends/layer_slice.py), not after the last one: cross-validated, LAYERS_NOTE.
+LAYERS = 16
 # L2 penalty of the harm probe (sklearn's C): cross-validated on the development split's
 # prompts, C 0.003 / 0.01 / 0.03 / 0.1 let through 62 / 51 / 48 / 68 of 401 harmful prompts at
 # 13 of 175 safe prompts refused; 0.01 was best at the lower refusal shares.
@@ -122,13 +125,6 @@ def fit_heads(rows: Sequence[PromptRow], x: F32, idx: Sequence[int]) -> tuple[Li
     return fit_harm(x[list(idx)], unsafe), fit_category(x[harmful], labels)
 
 
-def gate_scores(rows: Sequence[PromptRow]) -> list[float]:
-    """The shipped embedded classifier's out-of-fold scores (train.py's CV)."""
-    sparse = train.harm_cv(rows, train.HARM_CONFIG, train.HARM_C)
-    tuned, _ = train.tuned_cv(rows, train.tuned_data(rows, MiniLM.load()))
-    return mixed(sparse, tuned, train.TUNED_SPARSE_WEIGHT)
-
-
 def shift() -> float:
     return _logit(Policy.load().default.refuse_at) - _logit(REFUSE_FROM)
 
@@ -144,7 +140,9 @@ def combined(gate: Sequence[float], probe: Sequence[float], weight: float) -> li
     return [b if g >= PROBE_FROM else g for g, b in zip(gate, both, strict=True)]
 
 
-def report(rows: Sequence[PromptRow], x: F32) -> tuple[str, list[tuple[LinearHead, ...]]]:
+def report(
+    rows: Sequence[PromptRow], x: F32, oof: Path | None = None
+) -> tuple[str, list[tuple[LinearHead, ...]]]:
     fold_heads: list[tuple[LinearHead, ...]] = []
     probe = [0.0] * len(rows)
     for tr, te in train.folds(rows):
@@ -152,7 +150,7 @@ def report(rows: Sequence[PromptRow], x: F32) -> tuple[str, list[tuple[LinearHea
         fold_heads.append(fold)
         for i, p in zip(te, _probabilities(fold[0], x[te]), strict=True):
             probe[i] = p
-    gate = gate_scores(rows)
+    gate = train.gate_oof(rows, oof)
     refuse_at = Policy.load().default.refuse_at
     heads: dict[str, Sequence[float]] = {
         "embedded classifier (shipped gate)": gate,
@@ -198,13 +196,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m salon.safety.train_probe", description=__doc__)
     parser.add_argument("--model", default=MODEL, help="embedded catalog name")
     parser.add_argument("--vectors", type=Path, help="cache of the hidden states (.npz)")
+    parser.add_argument(
+        "--oof", type=Path, help="the classifier's out-of-fold scores (train --oof)"
+    )
     parser.add_argument("--check", action="store_true", help="report only; keep the artefact")
     args = parser.parse_args(argv)
     catalog = builtin_catalog()
-    path = catalog.prepare(args.model, Settings().model_cache_dir, print)
+    path = first_layers(catalog.prepare(args.model, Settings().model_cache_dir, print), LAYERS)
     rows = training_prompts()
     x = embed(rows, path, args.vectors)
-    text, fold_heads = report(rows, x)
+    text, fold_heads = report(rows, x, args.oof)
     sys.stdout.write(text)
     if args.check:
         return 0
@@ -214,6 +215,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "sha256": catalog.get(args.model).sha256,
         "template": TEMPLATE,
         "max_chars": MAX_CHARS,
+        "layers": LAYERS,
         "weight": WEIGHT,
         "shift": shift(),
         "categories": list(CATEGORIES),
