@@ -226,6 +226,7 @@ class PipelineReport:
                     "score": round(j.score, 3),
                     "opening": round(j.opening, 3),
                     "action": a.action,
+                    "safety": a.safety,
                     "seconds": round(a.seconds, 2),
                     "prompt": a.row.prompt,
                     "answer": a.text,

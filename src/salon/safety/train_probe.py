@@ -1,13 +1,14 @@
 """Train the harm gate's probe on the embedded chat model's hidden states (`safety/probe.py`).
 
-    python -m salon.safety.train_probe [--model NAME] [--vectors FILE] [--check]
+    python -m salon.safety.train_probe [--model NAME] [--vectors FILE] [--oof FILE] [--check]
 
 Reads every training prompt (the embedded classifier's: dev.csv, written.csv, everyday.csv)
-through the chat model once (~20 min for Qwen2.5-Coder-1.5B on two cores; `--vectors` keeps
-them, and a later run reads only new prompts), cross-validates the probe on the embedded
-classifier's folds beside that classifier's own out-of-fold scores (its five fine-tunings:
-~13 min more), and writes `harm_probe.npz` and `probe_report.md`. Needs the dev extra
-(scikit-learn, torch).
+through the chat model's first LAYERS layers once (~30 min for 3,347 prompts through 16 of
+Qwen2.5-Coder-1.5B's 28 layers on two cores; `--vectors` keeps them, and a later run reads only
+new prompts), cross-validates the probe on the embedded classifier's folds beside that
+classifier's own out-of-fold scores (its five fine-tunings: ~13 min more, unless `--oof` names
+the file `python -m salon.safety.train --oof` kept for the same prompts), and writes
+`harm_probe.npz` and `probe_report.md`. Needs the dev extra (scikit-learn, torch).
 """
 
 from __future__ import annotations
@@ -40,7 +41,10 @@ MODEL = "qwen2.5-coder-1.5b-instruct"
 TEMPLATE = "<|im_start|>user\n{turn}<|im_end|>\n<|im_start|>assistant\n"
 MAX_CHARS = 1500
 # The probe reads the state after this many of the model's 28 layers (the file cut there,
-# backends/layer_slice.py), not after the last one: cross-validated, LAYERS_NOTE.
+# backends/layer_slice.py), not after the last one. Cross-validated on the same 3,347 prompts
+# and folds, the probe alone missed 20.4 / 10.5 / 3.2 % of the development split's harmful
+# prompts at 3 / 5 / 10 % of its safe ones refused, against 35.2 / 23.4 / 9.0 % after all 28
+# layers; the last layers turn the reading into the next token. Other layers are not tried yet.
 LAYERS = 16
 # L2 penalty of the harm probe (sklearn's C): cross-validated on the development split's
 # prompts, C 0.003 / 0.01 / 0.03 / 0.1 let through 62 / 51 / 48 / 68 of 401 harmful prompts at
