@@ -12,12 +12,12 @@ from sklearn.linear_model import LogisticRegression
 
 from salon.backends.fakes import FakeHiddenStates
 from salon.backends.model_files import builtin_catalog
-from salon.chat.safety import SafetyGate
+from salon.chat.safety import RECOVER_BELOW, RECOVER_BELOW_PROBED, GateVerdict, SafetyGate
 from salon.domain import ChatMessage
 from salon.observability.metrics import Metrics
 from salon.safety.datasets import CATEGORIES
 from salon.safety.harm import Assessment, FakeHarmClassifier
-from salon.safety.policy import Policy
+from salon.safety.policy import MIN_REFUSE_AT, Policy
 from salon.safety.probe import PROBE_FROM, LinearHead, Probe, ProbeModel, cross_validated
 from salon.safety.train_probe import fit_category, fit_harm
 
@@ -186,3 +186,24 @@ async def test_consultations_are_counted_for_the_admin() -> None:
     text = metrics.render().decode()
     assert 'salon_safety_guard_consultations_total{model="p",outcome="unsafe"} 1.0' in text
     assert 'salon_safety_guard_consultations_total{model="p",outcome="error"} 1.0' in text
+
+
+async def test_a_refusal_is_recovered_from_below_a_higher_bound_once_the_probe_read_the_turn() -> (
+    None
+):
+    # The probe's reading x gives the head 2x in log-odds; with the classifier at 0.3 the
+    # average is 0.5 * logit(0.3) + x.
+    async def verdict_for(x: float) -> GateVerdict:
+        states = FakeHiddenStates({"": [x, 0.0]}, 2)
+        gate = _gate({"": (0.3, "crime")}, states)
+        assert not gate.check("write a heist story").recoverable  # too high for it alone
+        probed = await gate.acheck_messages([ChatMessage("user", "write a heist story")])
+        assert probed is not None and probed.recover_below == RECOVER_BELOW_PROBED
+        return probed
+
+    clear = await verdict_for(-0.25)  # the average: 0.34
+    assert clear.assessment.harmful_probability < RECOVER_BELOW_PROBED and clear.recoverable
+    unsure = await verdict_for(0.5)  # the average: 0.52
+    assert RECOVER_BELOW_PROBED <= unsure.assessment.harmful_probability < 0.8
+    assert not unsure.blocked and not unsure.recoverable
+    assert RECOVER_BELOW < RECOVER_BELOW_PROBED < MIN_REFUSE_AT

@@ -44,6 +44,10 @@ REFUSAL_AT = 0.5
 # [0.1, 0.2)). In every pipeline run the recoveries that turned a refusal into compliance
 # were of harmful privacy requests.
 RECOVER_BELOW = 0.1
+# The same bound for a turn the probe also read (their averaged score): cross-validated,
+# 4 of the 173 training prompts scored in [0.1, 0.4) are harmful (2.3 %), as few as in the
+# classifier's own recoverable band (probe_report.md, "Calibration"); from 0.4, 11 %.
+RECOVER_BELOW_PROBED = 0.4
 # The clarifying instruction of the one re-ask.
 CLARIFY = (
     "The user's request below has been reviewed and is benign: it only sounds sensitive "
@@ -60,6 +64,9 @@ log = logging.getLogger(__name__)
 class GateVerdict:
     assessment: Assessment
     decision: Decision
+    # below this harmful probability a refusal by the model is recovered from: it depends on
+    # which readings the probability combines (how many harmful requests score under it)
+    recover_below: float = RECOVER_BELOW
 
     @property
     def blocked(self) -> bool:
@@ -68,7 +75,7 @@ class GateVerdict:
     @property
     def recoverable(self) -> bool:
         """A refusal by the model may be recovered from: the request is benign."""
-        return self.decision.benign and self.assessment.harmful_probability < RECOVER_BELOW
+        return self.decision.benign and self.assessment.harmful_probability < self.recover_below
 
     @property
     def instruction(self) -> str | None:
@@ -203,7 +210,7 @@ class SafetyGate:
         except SalonError as exc:
             log.warning("the probe gave no verdict (%s); the embedded one stands", exc.code)
             return verdict
-        return GateVerdict(probed, self.policy.decide(probed))
+        return GateVerdict(probed, self.policy.decide(probed), RECOVER_BELOW_PROBED)
 
     def recovery(self, verdict: GateVerdict | None) -> Recovery | None:
         if not self._recover or verdict is None or not verdict.recoverable:

@@ -47,17 +47,19 @@ MAX_CHARS = 1500
 # layers; the last layers turn the reading into the next token. Other layers are not tried yet.
 LAYERS = 16
 # L2 penalty of the harm probe (sklearn's C): cross-validated on the development split's
-# prompts, C 0.003 / 0.01 / 0.03 / 0.1 let through 62 / 51 / 48 / 68 of 401 harmful prompts at
-# 13 of 175 safe prompts refused; 0.01 was best at the lower refusal shares.
+# prompts, the probe alone after 16 layers with C 0.003 / 0.01 / 0.03 missed 58 / 42 / 61 of
+# 401 harmful prompts at 5 % of its safe ones refused (session 8, after all 28 layers:
+# 0.01 was best too).
 HARM_C = 0.01
 CATEGORY_C = 0.01
 # The probe's share of the log-odds average with the embedded classifier (the report compares
-# 0.3 to 0.7; 0.5 to 0.7 were within noise of each other, 0.6 had the best AUC).
+# 0.3 to 0.7; session 9, after 16 layers, 0.6 to 0.9 with the average's refusal point from 0.5
+# to 0.8: 0.6 and 0.7 were within one prompt of each other, 0.8 and more let more through).
 WEIGHT = 0.6
-# Where the average should refuse: from 0.7 it refused, cross-validated, 11 of the development
-# split's 175 safe prompts and let through 33 of its 401 harmful ones; the threshold is steep
-# there (0.65: 12 and 28; 0.75: 10 and 48; 0.8: 10 and 63). The shift maps it onto the policy's
-# refuse_at, so one policy serves the gate with and without the probe.
+# Where the average should refuse: from 0.7 it refused, cross-validated, 9 of the development
+# split's 175 safe prompts and let through 25 of its 401 harmful ones, and refused 2 of 661
+# everyday requests (0.6: 10, 20 and 7 everyday; 0.8: 7, 42 and 2). The shift maps it onto the
+# policy's refuse_at, so one policy serves the gate with and without the probe.
 REFUSE_FROM = 0.7
 BATCH = 16
 REPORT = DATA / "probe_report.md"
@@ -172,7 +174,7 @@ def report(
     everyday = [i for i, r in enumerate(rows) if r.source == "salon_everyday"]
     asked_everyday = sum(gate[i] >= PROBE_FROM for i in everyday)
     parts = [
-        f"## Harm probe on {MODEL}'s last-token hidden state "
+        f"## Harm probe on {MODEL}'s hidden state after {LAYERS} layers, at the last token "
         f"({train.FOLDS}-fold CV, the embedded classifier's folds)",
         f"{len(rows)} prompts; probe C {HARM_C}. The gate asks the probe about "
         f"{asked} of {len(rows)} training prompts ({asked_everyday} of {len(everyday)} everyday "
