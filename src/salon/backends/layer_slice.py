@@ -49,7 +49,9 @@ def first_layers(source: Path, layers: int, target: Path | None = None) -> Path:
     total = _number(reader, blocks_key)
     if not 0 < layers <= total:
         raise LayerSliceError(f"{source.name} has {total} layers; cannot keep {layers}")
-    partial = target.with_name(target.name + ".partial")
+    # per process: two salon processes starting at once each write their own, and the last
+    # rename wins with an identical file
+    partial = target.with_name(f"{target.name}.{os.getpid()}.partial")
     writer = gguf.GGUFWriter(partial, arch=arch, endianess=reader.endianess)
     for field in reader.fields.values():
         # the reader's own header fields, and the architecture the writer already set
