@@ -174,6 +174,22 @@ async def services(
         await engine.dispose()
 
 
+@asynccontextmanager
+async def accounts(settings: Settings) -> AsyncIterator[AccountService]:
+    """Accounts on a migrated store, and nothing else: what `salon users create` and
+    `salon keys create` need, without the chat services' heartbeat, queues and models."""
+    engine = create_engine(settings.database)
+    await migrate(engine)
+    try:
+        yield AccountService(
+            AccountStore(engine),
+            session_days=settings.session_days,
+            signup_default=settings.signup_open,
+        )
+    finally:
+        await engine.dispose()
+
+
 def _publisher(broadcast: Broadcast) -> Publish:
     async def publish(job: GenerationJob, start: int) -> None:
         await relay.publish(job, broadcast, start)

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from salon import __version__
-from salon.app import create_app, load_probe, services
+from salon.app import accounts, create_app, load_probe, services
 from salon.domain import ChatMessage, SamplingParams, TextDelta
 from salon.errors import ConfigError, SalonError
 from salon.observability.logs import configure_logging
@@ -425,8 +425,8 @@ def _users_create(settings: Settings, args: argparse.Namespace) -> int:
     password = _read_password()
 
     async def run() -> None:
-        async with services(settings) as built:
-            user = await built.accounts.create_user(args.username, password, admin=args.admin)
+        async with accounts(settings) as service:
+            user = await service.create_user(args.username, password, admin=args.admin)
             progress(f"created {user.role} {user.username}")
 
     asyncio.run(run())
@@ -441,8 +441,8 @@ def _read_password() -> str:
 
 def _keys_create(settings: Settings, args: argparse.Namespace) -> int:
     async def run() -> str:
-        async with services(settings) as built:
-            new = await built.accounts.create_key_for(args.username, args.name)
+        async with accounts(settings) as service:
+            new = await service.create_key_for(args.username, args.name)
             return new.key
 
     print(asyncio.run(run()))
