@@ -250,7 +250,7 @@ def _eval_refusal(settings: Settings, args: argparse.Namespace) -> int:
         gate = _gate_mode(args)
         if gate == "off":
             raise ConfigError("--gate off measures nothing without --pipeline")
-        classifier = _cross_validated() if gate == "cv" else None
+        classifier = _cross_validated(settings) if gate == "cv" else None
         probe = _eval_probe(settings, gate)
         try:
             report = run_refusal_eval(args.split, classifier=classifier, probe=probe).to_markdown()
@@ -268,19 +268,24 @@ def _gate_mode(args: argparse.Namespace) -> str:
     return mode
 
 
-def _cross_validated() -> HarmClassifier:
-    """Fold classifiers for the training prompts (needs scikit-learn: the dev extra)."""
+def _cross_validated(settings: Settings) -> HarmClassifier:
+    """Fold classifiers for the training prompts (needs scikit-learn: the dev extra); their
+    fine-tunings are kept in the data folder for the next run."""
     from salon.safety.harm import default_classifier
 
     try:
-        from salon.safety.train import cross_validated_classifier
+        from salon.safety.train import FOLD_CACHE, cross_validated_classifier
     except ImportError as exc:
         raise ConfigError(
             f"--gate cv trains fold classifiers and needs scikit-learn ({exc}); "
             "pip install 'salon[dev]', or pass --gate on"
         ) from exc
-    progress("training the cross-validation fold classifiers (~5-10 min: five fine-tunings)")
-    return cross_validated_classifier(default_classifier())
+    cache = settings.data_dir / FOLD_CACHE
+    progress(
+        "the cross-validation fold classifiers (~20 min the first time: five fine-tunings, "
+        f"kept in {cache})"
+    )
+    return cross_validated_classifier(default_classifier(), cache=cache)
 
 
 def _eval_probe(settings: Settings, mode: str) -> Probe | None:
@@ -316,7 +321,7 @@ async def _refusal_pipeline(settings: Settings, args: argparse.Namespace) -> str
     )
     sampling = suite.sampling(args.max_tokens)
     mode = _gate_mode(args)
-    classifier = _cross_validated() if mode == "cv" else None
+    classifier = _cross_validated(settings) if mode == "cv" else None
     probe = _eval_probe(settings, mode)
     policy = Policy.load(args.policy or settings.safety_policy_file or DEFAULT_POLICY)
     if args.caution == "off":

@@ -54,3 +54,31 @@ def test_out_of_fold_scores_are_kept_for_the_same_rows_only(tmp_path: Path) -> N
     save_oof(cache, [*relabelled, *rows[1:]], scores)
     with np.load(cache) as saved:
         assert str(saved["key"]) != kept  # a relabelled prompt is other data
+
+
+def test_fold_fine_tunings_are_kept_for_the_same_rows_only(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pytest.importorskip("sentence_transformers")
+    from salon.backends.embeddings import MiniLM
+    from salon.safety import train
+
+    everything = training_prompts()
+    rows = [r for r in everything if r.unsafe][:12] + [r for r in everything if not r.unsafe][:12]
+    data = train.tuned_data(rows, MiniLM.load())
+    tr = list(range(0, len(rows), 2))
+    fitted = train.fold_tuned(rows, data, 0, tr, tmp_path)
+    assert (tmp_path / "tuned_fold0.npz").exists()
+    texts = [r.prompt for r in rows[1::2]]
+
+    def no_fitting(*_: object) -> object:
+        raise AssertionError("fine-tuned again")
+
+    monkeypatch.setattr(train, "fit_tuned", no_fitting)
+    kept = train.fold_tuned(rows, data, 0, tr, tmp_path)
+    assert kept.probabilities(texts, data.embedder) == fitted.probabilities(texts, data.embedder)
+    with pytest.raises(AssertionError, match="fine-tuned again"):
+        train.fold_tuned(rows, data, 1, tr, tmp_path)  # another fold
+    relabelled = [replace(rows[0], label="safe"), *rows[1:]]
+    with pytest.raises(AssertionError, match="fine-tuned again"):
+        train.fold_tuned(relabelled, data, 0, tr, tmp_path)  # other data

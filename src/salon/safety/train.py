@@ -18,6 +18,7 @@ import csv
 import hashlib
 import json
 import math
+import os
 import sys
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -54,6 +55,8 @@ from salon.safety.stats import wilson
 
 SEED = 20240604
 FOLDS = 5
+# The folder, beside the out-of-fold scores' file, that keeps the folds' fine-tunings.
+FOLD_CACHE = "safety-folds"
 HARM_CONFIG = FeatureConfig(word_ngrams=2, char_min=3, char_max=5, max_chars=2000)
 HARM_C = 8.0
 # Refusal detector: word 1-grams + phrase-list features, strongly regularised. The labels are
@@ -430,17 +433,44 @@ def _tuned_forward(layers: Any, head: Any, states: Any, mask: Any) -> Any:
     return head(torch.nn.functional.normalize(pooled, dim=-1)).squeeze(-1)
 
 
-def tuned_cv(rows: Sequence[PromptRow], data: TunedData) -> tuple[list[float], F32]:
+def tuned_cv(
+    rows: Sequence[PromptRow], data: TunedData, cache: Path | None = None
+) -> tuple[list[float], F32]:
     """Out-of-fold probabilities of the tuned head (numpy inference, as served), and the
     out-of-fold tuned vectors (each prompt embedded by the fold model that never saw it)."""
     out = [0.0] * len(rows)
     vectors = np.zeros((len(rows), data.embedder.dim), dtype=np.float32)
-    for tr, te in folds(rows):
-        head, _ = fit_tuned(data, tr)
+    for fold, (tr, te) in enumerate(folds(rows)):
+        head = fold_tuned(rows, data, fold, tr, cache)
         vectors[te] = head.vectors([rows[i].prompt for i in te], data.embedder)
         for i, p in zip(te, head.read(vectors[te]), strict=True):
             out[i] = p
     return out, vectors
+
+
+def fold_tuned(
+    rows: Sequence[PromptRow],
+    data: TunedData,
+    fold: int,
+    train_idx: Sequence[int],
+    cache: Path | None,
+) -> TunedHead:
+    """One fold's fine-tuned head; with `cache` (a folder), kept there under a key of the
+    rows and the trainer's settings. Each fine-tuning costs ~4 min on two cores, and the
+    out-of-fold scores (train_probe) and `salon eval refusal --gate cv` need the same five."""
+    path = None if cache is None else cache / f"tuned_fold{fold}.npz"
+    key = _oof_key(rows)
+    if path is not None and path.exists():
+        with np.load(path) as saved:
+            if "key" in saved.files and str(saved["key"]) == key:
+                return TunedHead.from_arrays({k: saved[k] for k in saved.files if k != "key"})
+    head, arrays = fit_tuned(data, train_idx)
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial = path.with_suffix(f".{os.getpid()}.partial.npz")
+        np.savez(partial, key=np.array(key), **arrays)  # type: ignore[arg-type]
+        partial.replace(path)
+    return head
 
 
 def folds(rows: Sequence[PromptRow]) -> list[tuple[list[int], list[int]]]:
@@ -486,10 +516,13 @@ class CrossValidatedClassifier:
 
 
 def cross_validated_classifier(
-    full: EmbeddedHarmClassifier, rows: Sequence[PromptRow] | None = None
+    full: EmbeddedHarmClassifier,
+    rows: Sequence[PromptRow] | None = None,
+    cache: Path | None = None,
 ) -> CrossValidatedClassifier:
     """Trains the FOLDS fold classifiers (with the full one's embedder, if any): ~1 min,
-    ~5-10 min on 2 cores when the full one has a tuned head (each fold fine-tunes its own)."""
+    ~20 min on 2 cores when the full one has a tuned head (each fold fine-tunes its own),
+    unless `cache` (a folder) holds those fine-tunings for the same rows and settings."""
     rows = list(rows or training_prompts())
     emb = full.embedder
     clip = full.dense.max_words if full.dense is not None else None
@@ -498,7 +531,7 @@ def cross_validated_classifier(
     data = None
     if full.tuned is not None and isinstance(emb, MiniLM):
         data = tuned_data(rows, emb)
-    for tr, te in folds(rows):
+    for k, (tr, te) in enumerate(folds(rows)):
         heads = train_harm([rows[i] for i in tr])
         dense = None
         if x is not None and full.dense is not None:
@@ -518,7 +551,7 @@ def cross_validated_classifier(
             dense=dense,
             embedder=emb if dense is not None or data is not None else None,
             name="embedded-cv",
-            tuned=fit_tuned(data, tr)[0] if data is not None else None,
+            tuned=fold_tuned(rows, data, k, tr, cache) if data is not None else None,
         )
         for i in te:
             by_prompt[rows[i].prompt.strip()] = fold
@@ -736,7 +769,8 @@ def gate_oof(rows: Sequence[PromptRow], cache: Path | None = None) -> list[float
             if str(saved["key"]) == key:
                 return [float(v) for v in saved["scores"]]
     sparse = harm_cv(rows, HARM_CONFIG, HARM_C)
-    tuned, _ = tuned_cv(rows, tuned_data(rows, MiniLM.load()))
+    folder = None if cache is None else cache.parent / FOLD_CACHE
+    tuned, _ = tuned_cv(rows, tuned_data(rows, MiniLM.load()), folder)
     scores = mixed(sparse, tuned, TUNED_SPARSE_WEIGHT)
     if cache is not None:
         save_oof(cache, rows, scores)
@@ -766,7 +800,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     embedder = MiniLM.load()
     x = embed_prompts(rows, embedder)
     data = tuned_data(rows, embedder)
-    tuned, tuned_x = tuned_cv(rows, data)
+    folder = None if args.oof is None else args.oof.parent / FOLD_CACHE
+    tuned, tuned_x = tuned_cv(rows, data, folder)
     if args.oof is not None:
         save_oof(
             args.oof, rows, mixed(harm_cv(rows, HARM_CONFIG, HARM_C), tuned, TUNED_SPARSE_WEIGHT)
