@@ -262,7 +262,8 @@ def load_probe(settings: Settings, metrics: Metrics | None = None) -> Probe | No
             return None
     threads = settings.embedded.threads or os.cpu_count() or 1
     observed = metrics.guard(f"probe:{model.model}") if metrics is not None else None
-    return Probe(LlamaHiddenStates(path, threads), model, metrics=observed)
+    states = LlamaHiddenStates(path, threads, model.poolings)
+    return Probe(states, model, metrics=observed)
 
 
 def _admission(settings: Settings, store: AccountStore, metrics: Metrics | None) -> Admission:

@@ -43,6 +43,26 @@ def test_vectors_are_unit_length_one_per_text_and_the_same_alone_or_batched(
     assert float(batch[0] @ batch[2]) < 0.999  # different texts, different states
 
 
+def test_poolings_are_concatenated_in_the_order_named(smol: LlamaHiddenStates) -> None:
+    path = prepare("smollm2-135m-instruct", CACHE)
+    texts = ["How do I bake bread?", "How do I kill a zombie process?"]
+    both = LlamaHiddenStates(path, threads=2, poolings=("last", "mean"))
+    mean = LlamaHiddenStates(path, threads=2, poolings=("mean",))
+    try:
+        pooled, averaged = both.vectors(texts), mean.vectors(texts)
+    finally:
+        both.close()
+        mean.close()
+    assert pooled.shape == (2, 2 * 576)
+    assert np.allclose(pooled[:, :576], smol.vectors(texts), atol=1e-4)
+    assert np.allclose(pooled[:, 576:], averaged, atol=1e-4)
+    assert np.allclose(np.linalg.norm(averaged, axis=1), 1.0, atol=1e-3)
+    # the mean over the tokens is not the last token's state
+    assert float(np.min(np.sum(averaged * pooled[:, :576], axis=1))) < 0.99
+    with pytest.raises(BackendError, match="unknown pooling"):
+        LlamaHiddenStates(path, threads=1, poolings=("max",))
+
+
 def test_a_file_that_is_not_a_model_is_a_clear_error(tmp_path: Path) -> None:
     bogus = tmp_path / "not-a-model.gguf"
     bogus.write_bytes(b"GGUF but not really")

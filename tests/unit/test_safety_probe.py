@@ -39,6 +39,7 @@ def _model(weight: float = 0.5, shift: float = 0.0) -> ProbeModel:
         template="<u>{turn}</u>",
         max_chars=20,
         layers=None,
+        poolings=("last",),
         weight=weight,
         shift=shift,
         harm=harm,

@@ -74,6 +74,9 @@ class ProbeModel:
     # the probe reads the state after this many of the model's layers (the model file cut
     # there, backends/layer_slice.py); None: after all of them
     layers: int | None
+    # how the state is pooled over the turn's tokens, the vectors concatenated in this order
+    # (backends/hidden_states.py)
+    poolings: tuple[str, ...]
     weight: float  # the probe's share of the log-odds average with the embedded classifier
     # added to the average's log-odds so that the policy's thresholds, chosen for the embedded
     # classifier alone, fall where the average should refuse (the trainer's choice)
@@ -112,6 +115,7 @@ class ProbeModel:
             template=info["template"],
             max_chars=int(info["max_chars"]),
             layers=int(info["layers"]) if info.get("layers") else None,
+            poolings=tuple(info.get("poolings", ["last"])),
             weight=float(info["weight"]),
             shift=float(info["shift"]),
             harm=head("harm"),

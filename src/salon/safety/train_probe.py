@@ -46,6 +46,9 @@ MAX_CHARS = 1500
 # prompts at 3 / 5 / 10 % of its safe ones refused, against 35.2 / 23.4 / 9.0 % after all 28
 # layers; the last layers turn the reading into the next token. Other layers are not tried yet.
 LAYERS = 16
+# How the states of the turn's tokens are pooled, each pooling's vectors concatenated
+# (backends/hidden_states.py): see the report for the comparison.
+POOLINGS: tuple[str, ...] = ("last",)
 # L2 penalty of the harm probe (sklearn's C): cross-validated on the development split's
 # prompts, the probe alone after 16 layers with C 0.003 / 0.01 / 0.03 missed 58 / 42 / 61 of
 # 401 harmful prompts at 5 % of its safe ones refused (session 8, after all 28 layers:
@@ -65,38 +68,61 @@ BATCH = 16
 REPORT = DATA / "probe_report.md"
 
 
-def embed(rows: Sequence[PromptRow], path: Path, cache: Path | None) -> F32:
-    """Every row's hidden state. With `cache`, states already there (same model file,
-    template and clipping) are reused and only new prompts are read, so adding prompts to the
-    training set costs their reading only."""
+def embed(
+    rows: Sequence[PromptRow], path: Path, cache: Path | None, poolings: Sequence[str] = ("last",)
+) -> F32:
+    """Every row's hidden states, each pooling's vectors concatenated in order. With `cache`,
+    states already there (same model file, template, clipping and pooling; one file per
+    pooling beside `cache`) are reused and only new prompts are read, so adding prompts to the
+    training set, or a pooling to the probe, costs their reading only."""
+    parts = [_pooled(rows, path, _pooling_cache(cache, p), p) for p in poolings]
+    return parts[0] if len(parts) == 1 else np.concatenate(parts, axis=1)
+
+
+def _pooling_cache(cache: Path | None, pooling: str) -> Path | None:
+    if cache is None or pooling == "last":  # the file's name before there were poolings
+        return cache
+    return cache.with_name(f"{cache.stem}.{pooling}{cache.suffix}")
+
+
+def _pooled(rows: Sequence[PromptRow], path: Path, cache: Path | None, pooling: str) -> F32:
     texts = [TEMPLATE.replace("{turn}", r.prompt.strip()[:MAX_CHARS]) for r in rows]
-    known = _cached(cache, path)
+    known = _cached(cache, path, pooling)
     missing = sorted({t for t in texts if t not in known})
     if missing:
-        states = LlamaHiddenStates(path, threads=Settings().embedded.threads or 2)
+        threads = Settings().embedded.threads or 2
+        states = LlamaHiddenStates(path, threads=threads, poolings=(pooling,))
         try:
             for i in range(0, len(missing), BATCH):
                 batch = missing[i : i + BATCH]
                 known.update(zip(batch, states.vectors(batch), strict=True))
                 if i % (BATCH * 20) == 0:
-                    print(f"  hidden states: {i}/{len(missing)}", file=sys.stderr, flush=True)
+                    print(
+                        f"  hidden states ({pooling}): {i}/{len(missing)}",
+                        file=sys.stderr,
+                        flush=True,
+                    )
         finally:
             states.close()
     x = np.stack([known[t] for t in texts]).astype(np.float32)
     if cache is not None and missing:
-        np.savez(cache, x=x, texts=np.array(texts), key=np.array(_cache_key(path)))
+        np.savez(cache, x=x, texts=np.array(texts), key=np.array(_cache_key(path, pooling)))
     return x
 
 
-def _cache_key(path: Path) -> str:
-    return hashlib.sha256(json.dumps([path.name, TEMPLATE, MAX_CHARS]).encode()).hexdigest()
+def _cache_key(path: Path, pooling: str) -> str:
+    # "last" keeps the key it had before the pooling was a choice: its states are the same
+    parts: list[object] = [path.name, TEMPLATE, MAX_CHARS]
+    if pooling != "last":
+        parts.append(pooling)
+    return hashlib.sha256(json.dumps(parts).encode()).hexdigest()
 
 
-def _cached(cache: Path | None, path: Path) -> dict[str, F32]:
+def _cached(cache: Path | None, path: Path, pooling: str) -> dict[str, F32]:
     if cache is None or not cache.exists():
         return {}
     with np.load(cache) as saved:
-        if "texts" not in saved.files or str(saved["key"]) != _cache_key(path):
+        if "texts" not in saved.files or str(saved["key"]) != _cache_key(path, pooling):
             return {}
         return dict(zip((str(t) for t in saved["texts"]), saved["x"], strict=True))
 
@@ -174,7 +200,8 @@ def report(
     everyday = [i for i, r in enumerate(rows) if r.source == "salon_everyday"]
     asked_everyday = sum(gate[i] >= PROBE_FROM for i in everyday)
     parts = [
-        f"## Harm probe on {MODEL}'s hidden state after {LAYERS} layers, at the last token "
+        f"## Harm probe on {MODEL}'s hidden state after {LAYERS} layers, pooled "
+        f"{' + '.join(POOLINGS)} "
         f"({train.FOLDS}-fold CV, the embedded classifier's folds)",
         f"{len(rows)} prompts; probe C {HARM_C}. The gate asks the probe about "
         f"{asked} of {len(rows)} training prompts ({asked_everyday} of {len(everyday)} everyday "
@@ -210,7 +237,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     catalog = builtin_catalog()
     path = first_layers(catalog.prepare(args.model, Settings().model_cache_dir, print), LAYERS)
     rows = training_prompts()
-    x = embed(rows, path, args.vectors)
+    x = embed(rows, path, args.vectors, POOLINGS)
     text, fold_heads = report(rows, x, args.oof)
     sys.stdout.write(text)
     if args.check:
@@ -222,6 +249,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "template": TEMPLATE,
         "max_chars": MAX_CHARS,
         "layers": LAYERS,
+        "poolings": list(POOLINGS),
         "weight": WEIGHT,
         "shift": shift(),
         "categories": list(CATEGORIES),
