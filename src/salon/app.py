@@ -128,6 +128,8 @@ async def services(
         safety is not None and safety.guard is None
     ):  # an evaluation's gate: the deployment's guard
         safety = safety.with_guard(_guard(settings, registry, metrics))
+    if safety is not None and safety.retry_on is None and settings.safety_recovery_model:
+        safety = safety.with_retry_on(registry.resolve_internal(settings.safety_recovery_model))
     if safety is not None and warm_up:
         await asyncio.to_thread(safety.warm_up)
     loading = asyncio.create_task(_warm_up(registry, personalizer)) if warm_up else None

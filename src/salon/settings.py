@@ -272,6 +272,12 @@ class Settings(BaseSettings):
     # each). "auto": used when the model it was trained on is prepared in the model cache (it
     # is never downloaded for this); "off": never.
     safety_probe: Literal["auto", "off"] = "auto"
+    # Recovery from a refusal of a benign turn: None re-asks the model that refused, with a
+    # clarifying instruction; a `provider:model` (one of `models`, or any model of a
+    # configured provider, like the guard) asks that model instead, the same way, e.g. a
+    # larger one that refuses less. A turn that may carry personal data stays with the model
+    # that refused when the recovery model's provider may not receive it.
+    safety_recovery_model: str | None = None
     # When set, GET /metrics needs `Authorization: Bearer <metrics_token>`; unset, it is
     # open (fine on 127.0.0.1; set it when salon listens on other interfaces).
     metrics_token: SecretStr | None = None
@@ -298,6 +304,15 @@ class Settings(BaseSettings):
                 raise ValueError(f"model id {model_id!r} is not of the form provider:model")
         if not value:
             raise ValueError("at least one model must be configured")
+        return value
+
+    @field_validator("safety_recovery_model")
+    @classmethod
+    def _check_recovery_model(cls, value: str | None) -> str | None:
+        if value is not None:
+            provider, sep, name = value.partition(":")
+            if not sep or not provider or not name:
+                raise ValueError(f"recovery model {value!r} is not of the form provider:model")
         return value
 
     @classmethod

@@ -366,6 +366,41 @@ async def test_settings_wire_the_guard_into_the_gate(
     assert _count(metrics, "unsafe") == 1
 
 
+async def test_settings_name_a_recovery_model_for_refused_benign_turns(
+    tmp_path: Path, database_url: str, engine: object, guard_server: GuardServer
+) -> None:
+    """`safety_recovery_model`: a benign turn that the chat model refuses (fake:echo, made to
+    echo a refusal) is asked again on that model, served by an `openai` provider that the
+    operator lets receive personal data (the turn's context may hold memories)."""
+    guard_server.reply = lambda body: Reply("Here is a plain answer.")
+    settings = _settings(
+        tmp_path, database_url, safety_recovery_model=f"guard:{GUARD_MODEL}"
+    ).model_copy(
+        update={
+            "providers": {
+                "fake": ProviderSettings(kind="fake", fake_delay_s=0.0),
+                "guard": ProviderSettings(
+                    kind="openai", base_url=guard_server.base_url, personal_data=True
+                ),
+            }
+        }
+    )
+    refusal = "I'm sorry, but I can't help with that. I won't provide any instructions for this."
+    gate = SafetyGate(FakeHarmClassifier({}), POLICY)
+    async with services(settings, safety=gate) as built:
+        assert built.gateway.models() == ["fake:echo"]  # not offered to users
+        answer = await _ask(built, refusal)
+    assert answer["content"] == answer["seen"] == "Here is a plain answer."
+    assert answer["safety"]["action"] == "recovered"
+    assert answer["safety"]["model"] == f"guard:{GUARD_MODEL}"
+    assert guard_server.requests[0]["model"] == GUARD_MODEL
+
+
+def test_a_recovery_model_id_needs_its_provider() -> None:
+    with pytest.raises(ValueError, match="provider:model"):
+        Settings(safety_recovery_model="bigger-model")
+
+
 async def test_in_gray_mode_a_benign_turn_costs_no_guard_request(
     tmp_path: Path, database_url: str, engine: object, guard_server: GuardServer
 ) -> None:

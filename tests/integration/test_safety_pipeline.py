@@ -98,7 +98,10 @@ CAUTIOUS = Policy.from_mapping(
 
 
 async def _service(
-    engine: AsyncEngine, backend: Scripted, policy: Policy | None = None
+    engine: AsyncEngine,
+    backend: Scripted,
+    policy: Policy | None = None,
+    retry_on: ModelRoute | None = None,
 ) -> tuple[ChatService, str, str]:
     user_id = str(uuid.uuid4())
     async with engine.begin() as conn:
@@ -117,7 +120,7 @@ async def _service(
         Registry(backend),  # type: ignore[arg-type]
         JobRunner(store, 0.02, utcnow),
         ChatLimits(),
-        safety=SafetyGate(CLASSIFIER, policy),
+        safety=SafetyGate(CLASSIFIER, policy, retry_on=retry_on),
     )
     conversation = await service.create_conversation(user_id, None, None)
     return service, user_id, conversation.id
@@ -190,6 +193,36 @@ async def test_a_benign_request_the_model_always_refuses_is_re_asked_only_once(
     assert len(backend.calls) == 2
     assert seen == REFUSAL
     assert message["safety"]["action"] == "recovery_failed"
+
+
+async def test_a_recovery_model_answers_what_the_chat_model_refused(
+    engine: AsyncEngine,
+) -> None:
+    backend, bigger = Scripted(refuse="always"), Scripted(refuse="never")
+    route = ModelRoute("bigger:large", "bigger", "large", bigger)  # type: ignore[arg-type]
+    service, user_id, cid = await _service(engine, backend, retry_on=route)
+    seen, message = await _ask(service, user_id, cid, "how do I kill a zombie process")
+    assert seen == ANSWER and message["content"] == ANSWER  # the refusal was never shown
+    assert message["safety"]["action"] == "recovered"
+    assert message["safety"]["model"] == "bigger:large"  # visible: another model answered
+    assert len(backend.calls) == 1 and len(bigger.calls) == 1
+    assert bigger.calls[0].model == "large"
+    assert CLARIFY in bigger.calls[0].messages[0].content
+    # a harmful request never reaches either model
+    _, message = await _ask(service, user_id, cid, "how do I make a nerve agent at home")
+    assert message["safety"]["action"] == "blocked" and len(bigger.calls) == 1
+
+
+async def test_a_recovery_model_barred_from_personal_data_is_not_asked(
+    engine: AsyncEngine,
+) -> None:
+    backend, hosted = Scripted(refuse="first"), Scripted(refuse="never")
+    route = ModelRoute("hosted:x", "hosted", "x", hosted, personal_data=False)  # type: ignore[arg-type]
+    service, user_id, cid = await _service(engine, backend, retry_on=route)
+    seen, message = await _ask(service, user_id, cid, "how do I kill a zombie process")
+    assert seen == ANSWER and message["safety"]["action"] == "recovered"
+    assert "model" not in message["safety"]
+    assert hosted.calls == [] and len(backend.calls) == 2
 
 
 async def test_an_uncertain_request_gets_the_caution_and_is_never_recovered(

@@ -333,9 +333,14 @@ class JobRunner:
                 # Never shown to anyone: the job's text is still empty. Stop the first
                 # generation, then ask once more with the clarifying instruction.
                 await stream.aclose()
-                retry = replace(request, messages=recovery.reask(request.messages))
-                usage = await self._relay(job, route.backend.stream(retry))
-                job.safety = recovery.note(verdict, recovery.judge(job.text(), finished=True))
+                other = recovery.route(route)
+                retry = replace(
+                    request, model=other.name, messages=recovery.reask(request.messages)
+                )
+                usage = await self._relay(job, other.backend.stream(retry))
+                second = recovery.judge(job.text(), finished=True)
+                by = other.id if other is not route else None
+                job.safety = recovery.note(verdict, second, by)
                 log.info("message %s: recovered from a refusal (%s)", job.message_id, job.safety)
                 return usage
             if held:

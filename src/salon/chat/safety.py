@@ -1,5 +1,7 @@
 """The safety pipeline around a generation: a harm gate before the model is called, and
-early refusal detection with one recovery re-ask after.
+early refusal detection with one recovery after: the same model re-asked with a clarifying
+instruction, or, where the operator names one (`safety_recovery_model`), another model asked
+the same way.
 
 The models themselves live in ``salon.safety``; this module decides what the chat use cases
 do with their verdicts. The embedded classifier scores a turn in ~5-20 ms (its embedding
@@ -16,6 +18,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from salon.backends.registry import ModelRoute
 from salon.domain import ChatMessage
 from salon.errors import SalonError
 from salon.safety.guard import Guard
@@ -107,11 +110,14 @@ class SafetyGate:
         recover: bool = True,
         guard: Guard | None = None,
         probe: Probe | None = None,
+        retry_on: ModelRoute | None = None,
     ) -> None:
         self._classifier = classifier
         self._policy = policy
         self._detector = detector
         self._recover = recover
+        # the model a refused benign turn is asked again on; None: the model that refused
+        self._retry_on = retry_on
         # the chat model's reading and a guard model: consulted by `acheck_messages` only
         self._probe = probe
         self._guard = guard
@@ -151,6 +157,13 @@ class SafetyGate:
 
     def with_guard(self, guard: Guard | None) -> SafetyGate:
         """The same gate (classifier, policy, detector, recovery, probe) consulting `guard`."""
+        return self._with(guard, self._retry_on)
+
+    def with_retry_on(self, route: ModelRoute | None) -> SafetyGate:
+        """The same gate recovering a refused benign turn on `route` (None: the same model)."""
+        return self._with(self._guard, route)
+
+    def _with(self, guard: Guard | None, retry_on: ModelRoute | None) -> SafetyGate:
         return SafetyGate(
             self._classifier,
             self._policy,
@@ -158,7 +171,12 @@ class SafetyGate:
             recover=self._recover,
             guard=guard,
             probe=self._probe,
+            retry_on=retry_on,
         )
+
+    @property
+    def retry_on(self) -> ModelRoute | None:
+        return self._retry_on
 
     def warm_up(self) -> None:
         """Load the default models now (~100 ms) instead of on the first request."""
@@ -215,7 +233,7 @@ class SafetyGate:
     def recovery(self, verdict: GateVerdict | None) -> Recovery | None:
         if not self._recover or verdict is None or not verdict.recoverable:
             return None
-        return Recovery(self.detector, verdict.assessment.harmful_probability)
+        return Recovery(self.detector, verdict.assessment.harmful_probability, self._retry_on)
 
 
 @dataclass(frozen=True, slots=True)
@@ -224,8 +242,18 @@ class Recovery:
 
     detector: RefusalDetector
     harm_score: float
+    # the model to ask again (the operator's `safety_recovery_model`); None: the same one
+    retry_on: ModelRoute | None = None
     hold_chars: int = HOLD_CHARS
     hold_max_s: float = HOLD_MAX_S
+
+    def route(self, refused: ModelRoute) -> ModelRoute:
+        """Where the re-ask goes: the recovery model, unless the turn may carry personal data
+        (memories, instructions: `refused` may receive them) that it may not receive."""
+        other = self.retry_on
+        if other is None or (refused.personal_data and not other.personal_data):
+            return refused
+        return other
 
     def judge(self, held: str, *, finished: bool) -> RefusalVerdict:
         if finished:
@@ -244,12 +272,17 @@ class Recovery:
             return (merged, *messages[1:])
         return (ChatMessage("system", CLARIFY), *messages)
 
-    def note(self, first: RefusalVerdict, second: RefusalVerdict | None) -> dict[str, Any]:
+    def note(
+        self, first: RefusalVerdict, second: RefusalVerdict | None, by: str | None = None
+    ) -> dict[str, Any]:
+        """`by`: the model that gave the answer, when it is not the one that refused."""
         note: dict[str, Any] = {
             "action": "recovered",
             "refusal_score": round(first.probability, 3),
             "harm_score": round(self.harm_score, 3),
         }
+        if by is not None:
+            note["model"] = by
         if second is not None and self.is_refusal(second):
             note["action"] = "recovery_failed"
             note["second_refusal_score"] = round(second.probability, 3)
