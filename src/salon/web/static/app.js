@@ -1053,8 +1053,11 @@ const SAFETY_TEXT = {
 function safetyNote(msg) {
   const action = msg.safety && msg.safety.action;
   if (msg.role !== 'assistant' || !SAFETY_TEXT[action]) return null;
-  return h('div', { class: 'msg-safety', 'data-testid': 'safety-note', 'data-action': action },
-    SAFETY_TEXT[action]);
+  // Another model gave the answer (the operator's recovery model): say which.
+  const text = action === 'recovered' && msg.safety.model
+    ? `The model first declined this harmless request; salon asked ${msg.safety.model} instead.`
+    : SAFETY_TEXT[action];
+  return h('div', { class: 'msg-safety', 'data-testid': 'safety-note', 'data-action': action }, text);
 }
 
 function statusBox(msg) {
