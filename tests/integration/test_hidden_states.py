@@ -109,6 +109,20 @@ def test_the_trainer_reads_only_prompts_its_cache_lacks(tmp_path: Path) -> None:
         embed(rows, stand_in, cache)  # the fourth prompt needs the model
 
 
+def test_each_pooling_has_its_own_cache_beside_the_first(tmp_path: Path) -> None:
+    rows = training_prompts()[:2]
+    cache = tmp_path / "vectors.npz"
+    model = prepare("smollm2-135m-instruct", CACHE)
+    last = embed(rows, model, cache)
+    both = embed(rows, model, cache, ("last", "mean"))
+    assert (tmp_path / "vectors.mean.npz").exists()
+    assert np.array_equal(both[:, : last.shape[1]], last)
+    stand_in = tmp_path / model.name
+    stand_in.write_bytes(b"not a model")
+    again = embed(rows, stand_in, cache, ("mean", "last"))  # both kept: no model needed
+    assert np.array_equal(again, np.concatenate([both[:, last.shape[1] :], last], axis=1))
+
+
 async def test_a_deployment_with_the_gate_on_reads_turns_with_the_probe(tmp_path: Path) -> None:
     """What `salon serve` builds: with the safety gate on and Qwen prepared, a harmful turn is
     judged by the classifier and the probe together (on Qwen cut after its middle layer), a
