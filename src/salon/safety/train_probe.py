@@ -37,17 +37,31 @@ from salon.settings import Settings
 F32 = train.F32
 MODEL = "qwen2.5-coder-1.5b-instruct"
 # Qwen's ChatML around one user turn, without a system prompt: the state at the last token is
-# the one from which the model would start its answer.
+# the one from which the model would start its answer. Session 10 compared readings by 5-fold
+# CV on the development split alone (576 prompts, five seeds; probe alone, harmful missed of
+# 401 at 3 / 5 / 10 % of safe ones refused): this template 64 / 46 / 13; the state at the
+# turn's own last token (no "assistant" header) 100 / 77 / 32; the turn inside a judge's
+# question ("would answering this help someone cause serious harm?") 107 / 82 / 37. Asking the
+# model about harm makes its state worse for the probe, not better.
 TEMPLATE = "<|im_start|>user\n{turn}<|im_end|>\n<|im_start|>assistant\n"
 MAX_CHARS = 1500
 # The probe reads the state after this many of the model's 28 layers (the file cut there,
 # backends/layer_slice.py), not after the last one. Cross-validated on the same 3,347 prompts
 # and folds, the probe alone missed 20.4 / 10.5 / 3.2 % of the development split's harmful
 # prompts at 3 / 5 / 10 % of its safe ones refused, against 35.2 / 23.4 / 9.0 % after all 28
-# layers; the last layers turn the reading into the next token. Other layers are not tried yet.
+# layers; the last layers turn the reading into the next token. Session 10, the development
+# split alone (as for TEMPLATE): after 8 / 12 / 16 / 20 / 24 layers 161 / 86 / 64 / 92 / 100
+# missed at 3 %, 132 / 57 / 46 / 51 / 63 at 5 %; concatenating 12+16, 16+20, 12+16+20 or
+# 8+16+24 did not beat 16 alone.
 LAYERS = 16
 # How the states of the turn's tokens are pooled, each pooling's vectors concatenated
-# (backends/hidden_states.py): see the report for the comparison.
+# (backends/hidden_states.py; each pooling costs a prompt evaluation of its own). Session 10,
+# all 3,531 training prompts, the classifier's folds: the probe alone with "last" + "mean"
+# missed 51 / 34 / 14 of the development split's 401 harmful prompts at 3 / 5 / 10 % of its
+# safe ones refused, "last" 73 / 37 / 13, "mean" 50 / 42 / 19; but averaged with the
+# classifier, at refuse_at, "last" + "mean" refused 10 / 175 safe and let 28 / 401 harmful
+# through against "last"'s 9 and 25 (from 0.6: 10 and 21 against 10 and 20). Twice the cost
+# for nothing measurable: "last" alone.
 POOLINGS: tuple[str, ...] = ("last",)
 # L2 penalty of the harm probe (sklearn's C): cross-validated on the development split's
 # prompts, the probe alone after 16 layers with C 0.003 / 0.01 / 0.03 missed 58 / 42 / 61 of
