@@ -23,6 +23,14 @@ from pydantic_settings import (
 DEFAULT_MODEL = "embedded:qwen2.5-coder-1.5b-instruct"
 
 
+def model_id(value: str, what: str) -> str:
+    """`value` when it is a `provider:model` id; else a validation error naming `what`."""
+    provider, sep, name = value.partition(":")
+    if not sep or not provider or not name:
+        raise ValueError(f"{what} {value!r} is not of the form provider:model")
+    return value
+
+
 class ProviderSettings(BaseModel):
     """A named source of models. `openai` speaks the OpenAI-compatible HTTP protocol
     (vLLM, SGLang, llama.cpp server, Ollama, OpenAI itself); `fake` is the shipped test double."""
@@ -139,11 +147,7 @@ class SafetyGuardSettings(BaseModel):
     @field_validator("model")
     @classmethod
     def _check_model(cls, value: str | None) -> str | None:
-        if value is not None:
-            provider, sep, name = value.partition(":")
-            if not sep or not provider or not name:
-                raise ValueError(f"guard model {value!r} is not of the form provider:model")
-        return value
+        return None if value is None else model_id(value, "guard model")
 
     @model_validator(mode="after")
     def _check_prompt(self) -> SafetyGuardSettings:
@@ -298,10 +302,8 @@ class Settings(BaseSettings):
     @field_validator("models")
     @classmethod
     def _check_ids(cls, value: list[str]) -> list[str]:
-        for model_id in value:
-            provider, sep, name = model_id.partition(":")
-            if not sep or not provider or not name:
-                raise ValueError(f"model id {model_id!r} is not of the form provider:model")
+        for each in value:
+            model_id(each, "model id")
         if not value:
             raise ValueError("at least one model must be configured")
         return value
@@ -309,11 +311,7 @@ class Settings(BaseSettings):
     @field_validator("safety_recovery_model")
     @classmethod
     def _check_recovery_model(cls, value: str | None) -> str | None:
-        if value is not None:
-            provider, sep, name = value.partition(":")
-            if not sep or not provider or not name:
-                raise ValueError(f"recovery model {value!r} is not of the form provider:model")
-        return value
+        return None if value is None else model_id(value, "recovery model")
 
     @classmethod
     def settings_customise_sources(
