@@ -38,11 +38,11 @@ F32 = train.F32
 MODEL = "qwen2.5-coder-1.5b-instruct"
 # Qwen's ChatML around one user turn, without a system prompt: the state at the last token is
 # the one from which the model would start its answer. Session 10 compared readings by 5-fold
-# CV on the development split alone (576 prompts, five seeds; probe alone, harmful missed of
-# 401 at 3 / 5 / 10 % of safe ones refused): this template 64 / 46 / 13; the state at the
-# turn's own last token (no "assistant" header) 100 / 77 / 32; the turn inside a judge's
-# question ("would answering this help someone cause serious harm?") 107 / 82 / 37. Asking the
-# model about harm makes its state worse for the probe, not better.
+# CV on the development split alone (bench/probe_readings.py: 576 prompts, five seeds; probe
+# alone, harmful missed of 401 at 3 / 5 / 10 % of safe ones refused): this template
+# 64 / 46 / 13; the state at the turn's own last token (no "assistant" header) 100 / 77 / 32;
+# the turn inside a judge's question ("would answering this help someone cause serious
+# harm?") 107 / 82 / 37. Asking the model about harm makes its state worse for the probe.
 TEMPLATE = "<|im_start|>user\n{turn}<|im_end|>\n<|im_start|>assistant\n"
 MAX_CHARS = 1500
 # The probe reads the state after this many of the model's 28 layers (the file cut there,
