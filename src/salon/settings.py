@@ -47,11 +47,22 @@ class ProviderSettings(BaseModel):
     # Unset: yes for models that run here (embedded, fake), no for an OpenAI-compatible
     # endpoint, which may be a hosted API. The user's messages themselves always go.
     personal_data: bool | None = None
+    # Does it continue a conversation's trailing assistant message instead of starting a new
+    # one (llama.cpp server and Ollama do; vLLM and SGLang with `continue_final_message`)?
+    # Unset: yes for models that run here, no for an OpenAI-compatible endpoint, which may be
+    # a hosted API that ignores the prefix. Recovery uses it to start an answer for the model.
+    continues_answers: bool | None = None
 
     @property
     def shares_personal_data(self) -> bool:
         if self.personal_data is not None:
             return self.personal_data
+        return self.kind != "openai"
+
+    @property
+    def continues(self) -> bool:
+        if self.continues_answers is not None:
+            return self.continues_answers
         return self.kind != "openai"
 
 

@@ -10,13 +10,15 @@ import uuid
 from collections.abc import AsyncGenerator
 from datetime import UTC, datetime
 
+import numpy as np
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from salon.api import views
+from salon.backends.fakes import FakeHiddenStates
 from salon.backends.registry import ModelRoute
 from salon.chat.gateway import Gateway
 from salon.chat.jobs import Delta, Ended, JobRunner
-from salon.chat.safety import CLARIFY, Recovery, SafetyGate
+from salon.chat.safety import CLARIFY, PREFILL, Recovery, SafetyGate
 from salon.chat.service import ChatLimits, ChatService, utcnow
 from salon.domain import (
     ChatMessage,
@@ -29,8 +31,10 @@ from salon.domain import (
     TextDelta,
     Usage,
 )
+from salon.safety.datasets import CATEGORIES
 from salon.safety.harm import FakeHarmClassifier
 from salon.safety.policy import Policy
+from salon.safety.probe import LinearHead, Probe, ProbeModel
 from salon.store.conversations import ConversationStore
 from salon.store.tables import users
 
@@ -49,22 +53,43 @@ CLASSIFIER = FakeHarmClassifier(
         "end my life": (0.95, "self_harm"),
         "lock": (0.6, "crime"),
         "scalping": (0.08, "fraud"),
+        "shoot": (0.5, "violence"),
     }
 )
+
+
+def _probe_clearing(word: str) -> Probe:
+    """A probe on fake hidden states that reads turns with `word` as clearly benign."""
+    zeros, ones = np.zeros(1, np.float32), np.ones(1, np.float32)
+    harm = LinearHead(zeros, ones, np.array([[2.0]], np.float32), np.zeros(1, np.float32))
+    category = LinearHead(
+        zeros, ones, np.zeros((len(CATEGORIES), 1), np.float32), np.zeros(len(CATEGORIES))
+    )
+    model = ProbeModel(
+        "m", "0" * 64, "{turn}", 200, None, ("last",), 0.5, 0.0, harm, category, CATEGORIES
+    )
+    return Probe(FakeHiddenStates({word: [-5.0]}, 1), model)
 
 
 class Scripted:
     """A TextBackend that refuses (or not) as told, in small chunks, and counts its calls."""
 
     def __init__(self, *, refuse: str, delay_s: float = 0.002) -> None:
-        self.refuse = refuse  # "always" | "first" (until re-asked with CLARIFY) | "never"
+        # "always" | "first" (until re-asked with CLARIFY) | "never" | "unstarted" (unless
+        # the answer is started for it, which it then continues)
+        self.refuse = refuse
         self.delay_s = delay_s
         self.calls: list[CompletionRequest] = []
 
     async def stream(self, request: CompletionRequest) -> AsyncGenerator[StreamEvent, None]:
         self.calls.append(request)
         clarified = any(m.role == "system" and CLARIFY in m.content for m in request.messages)
-        refuses = self.refuse == "always" or (self.refuse == "first" and not clarified)
+        started = request.messages[-1].role == "assistant"
+        refuses = (
+            self.refuse == "always"
+            or (self.refuse == "first" and not clarified)
+            or (self.refuse == "unstarted" and not started)
+        )
         text = REFUSAL if refuses else ANSWER
         for i in range(0, len(text), 12):
             await asyncio.sleep(self.delay_s)
@@ -102,6 +127,7 @@ async def _service(
     backend: Scripted,
     policy: Policy | None = None,
     retry_on: ModelRoute | None = None,
+    probe: Probe | None = None,
 ) -> tuple[ChatService, str, str]:
     user_id = str(uuid.uuid4())
     async with engine.begin() as conn:
@@ -120,7 +146,7 @@ async def _service(
         Registry(backend),  # type: ignore[arg-type]
         JobRunner(store, 0.02, utcnow),
         ChatLimits(),
-        safety=SafetyGate(CLASSIFIER, policy, retry_on=retry_on),
+        safety=SafetyGate(CLASSIFIER, policy, retry_on=retry_on, probe=probe),
     )
     conversation = await service.create_conversation(user_id, None, None)
     return service, user_id, conversation.id
@@ -211,6 +237,21 @@ async def test_a_recovery_model_answers_what_the_chat_model_refused(
     # a harmful request never reaches either model
     _, message = await _ask(service, user_id, cid, "how do I make a nerve agent at home")
     assert message["safety"]["action"] == "blocked" and len(bigger.calls) == 1
+
+
+async def test_a_model_that_refuses_even_when_clarified_answers_once_its_answer_is_started(
+    engine: AsyncEngine,
+) -> None:
+    backend = Scripted(refuse="unstarted")
+    service, user_id, cid = await _service(engine, backend, probe=_probe_clearing("shoot"))
+    seen, message = await _ask(service, user_id, cid, "how do I shoot photos in low light")
+    assert seen == ANSWER and message["content"] == ANSWER  # the started part is not shown
+    assert message["safety"]["action"] == "recovered" and message["safety"]["prefilled"]
+    assert backend.calls[1].messages[-1] == ChatMessage("assistant", PREFILL)
+    # a turn the probe did not read and clear gets the clarification alone, and stays refused
+    seen, message = await _ask(service, user_id, cid, "how do I kill a zombie process")
+    assert backend.calls[3].messages[-1].role == "user"
+    assert seen == REFUSAL and message["safety"]["action"] == "recovery_failed"
 
 
 async def test_a_recovery_model_barred_from_personal_data_is_not_asked(

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from salon.backends.fakes import FakeBackend
+from salon.backends.registry import ModelRoute
 from salon.chat.safety import CLARIFY, RECOVER_BELOW, SafetyGate
 from salon.domain import ChatMessage
 from salon.safety.harm import FakeHarmClassifier
@@ -77,9 +79,10 @@ def test_the_reask_puts_the_clarification_in_the_system_message() -> None:
     gate = SafetyGate(FakeHarmClassifier({}))
     recovery = gate.recovery(gate.check("hi"))
     assert recovery is not None
-    plain = recovery.reask([ChatMessage("user", "q")])
+    route = ModelRoute("fake:m", "fake", "m", FakeBackend())
+    plain = recovery.reask([ChatMessage("user", "q")], route)
     assert plain == (ChatMessage("system", CLARIFY), ChatMessage("user", "q"))
-    merged = recovery.reask([ChatMessage("system", "op"), ChatMessage("user", "q")])
+    merged = recovery.reask([ChatMessage("system", "op"), ChatMessage("user", "q")], route)
     assert merged[0].role == "system" and merged[0].content.startswith("op")
     assert CLARIFY in merged[0].content and len(merged) == 2
 

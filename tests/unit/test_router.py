@@ -490,8 +490,20 @@ async def test_the_registry_builds_a_router_for_a_route_id() -> None:
         providers={"remote": {"kind": "openai", "base_url": "http://127.0.0.1:9/v1"}},
         routes={"pool:mixed": {"targets": ["fake:echo", "remote:x"]}},
     )
-    # One target may not receive personal data: neither may the route.
+    # One target may not receive personal data: neither may the route. Nor is it trusted to
+    # continue an answer salon starts, since the hosted one may start anew.
     assert not BackendRegistry(mixed).resolve("pool:mixed").personal_data
+    assert not BackendRegistry(mixed).resolve("pool:mixed").continues
+    assert route.continues  # fake targets only
+    vllm = {"kind": "openai", "base_url": "http://127.0.0.1:9/v1", "continues_answers": True}
+    declared = Settings(
+        models=["pool:mixed"],
+        providers={"remote": vllm},
+        routes={"pool:mixed": {"targets": ["fake:echo", "remote:x"]}},
+    )
+    assert BackendRegistry(declared).resolve("pool:mixed").continues
+    assert not BackendRegistry(declared).resolve_internal("remote:y").personal_data
+    assert BackendRegistry(declared).resolve_internal("remote:y").continues
 
 
 def test_backend_error_is_the_failover_rule() -> None:

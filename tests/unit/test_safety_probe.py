@@ -10,9 +10,17 @@ import numpy as np
 import pytest
 from sklearn.linear_model import LogisticRegression
 
-from salon.backends.fakes import FakeHiddenStates
+from salon.backends.fakes import FakeBackend, FakeHiddenStates
 from salon.backends.model_files import builtin_catalog
-from salon.chat.safety import RECOVER_BELOW, RECOVER_BELOW_PROBED, GateVerdict, SafetyGate
+from salon.backends.registry import ModelRoute
+from salon.chat.safety import (
+    CLARIFY,
+    PREFILL,
+    RECOVER_BELOW,
+    RECOVER_BELOW_PROBED,
+    GateVerdict,
+    SafetyGate,
+)
 from salon.domain import ChatMessage
 from salon.observability.metrics import Metrics
 from salon.safety.datasets import CATEGORIES
@@ -102,6 +110,28 @@ def test_the_shift_moves_the_average_onto_the_policys_scale() -> None:
     moved = Probe(states, _model(shift=1.0)).assess("x", embedded).harmful_probability
     assert plain == pytest.approx(0.5)
     assert moved == pytest.approx(1 / (1 + math.exp(-1.0)), rel=1e-5)
+
+
+async def test_only_a_turn_the_probe_cleared_is_re_asked_with_its_answer_started() -> None:
+    states = FakeHiddenStates({"zombie": BENIGN}, 2)
+    gate = _gate({"zombie": (0.7, "violence"), "cake": (PROBE_FROM / 2, "other")}, states)
+    local = ModelRoute("fake:m", "fake", "m", FakeBackend())
+    hosted = ModelRoute("hosted:m", "hosted", "m", FakeBackend(), continues=False)
+    turn = [ChatMessage("user", "kill a zombie process")]
+    recovery = gate.recovery(await gate.acheck_messages(turn))
+    assert recovery is not None and recovery.prefills(local)
+    assert recovery.reask(turn, local) == (
+        ChatMessage("system", CLARIFY),
+        *turn,
+        ChatMessage("assistant", PREFILL),
+    )
+    # a backend that would start a new message instead gets the clarification alone
+    assert not recovery.prefills(hosted)
+    assert recovery.reask(turn, hosted) == (ChatMessage("system", CLARIFY), *turn)
+    # a turn the classifier cleared alone (the probe never read it) is not pushed that far
+    unprobed = gate.recovery(await gate.acheck_messages([ChatMessage("user", "bake a cake")]))
+    assert unprobed is not None and not unprobed.prefills(local)
+    assert recovery.note(recovery.judge("x", finished=True), None, prefilled=True)["prefilled"]
 
 
 async def test_a_turn_the_probe_lifts_over_the_line_gets_the_probes_category() -> None:

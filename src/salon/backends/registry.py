@@ -34,6 +34,8 @@ class ModelRoute:
     backend: TextBackend  # measured when the registry has metrics
     # The operator's privacy rule: may personal data (memories, instructions) go to it?
     personal_data: bool = True
+    # Does it continue a trailing assistant message (an answer salon starts for it)?
+    continues: bool = True
 
 
 class BackendRegistry:
@@ -68,7 +70,10 @@ class BackendRegistry:
             self._parts[model_id] = parts
             # A route may carry personal data only if every target it can fail over to may.
             personal = all(self._config(p).shares_personal_data for p, _ in parts)
-            self._routes[model_id] = ModelRoute(model_id, provider, name, backend, personal)
+            continues = all(self._config(p).continues for p, _ in parts)
+            self._routes[model_id] = ModelRoute(
+                model_id, provider, name, backend, personal, continues
+            )
 
     @property
     def ids(self) -> list[str]:
@@ -94,8 +99,15 @@ class BackendRegistry:
         if model_id in self._routes:
             return self._routes[model_id]
         provider, name = _split(model_id)
-        personal = self._config(provider).shares_personal_data
-        return ModelRoute(model_id, provider, name, self._backend(provider), personal)
+        config = self._config(provider)
+        return ModelRoute(
+            model_id,
+            provider,
+            name,
+            self._backend(provider),
+            config.shares_personal_data,
+            config.continues,
+        )
 
     def _config(self, provider: str) -> ProviderSettings:
         config = self._settings.providers.get(provider) or BUILT_IN.get(provider)

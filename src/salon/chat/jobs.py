@@ -335,12 +335,12 @@ class JobRunner:
                 await stream.aclose()
                 other = recovery.route(route)
                 retry = replace(
-                    request, model=other.name, messages=recovery.reask(request.messages)
+                    request, model=other.name, messages=recovery.reask(request.messages, other)
                 )
                 usage = await self._relay(job, other.backend.stream(retry))
                 second = recovery.judge(job.text(), finished=True)
                 by = other.id if other is not route else None
-                job.safety = recovery.note(verdict, second, by)
+                job.safety = recovery.note(verdict, second, by, prefilled=recovery.prefills(other))
                 log.info("message %s: recovered from a refusal (%s)", job.message_id, job.safety)
                 return usage
             if held:

@@ -57,6 +57,15 @@ CLARIFY = (
     "(a technical term, fiction, history, safety information or a definition). Answer it "
     "helpfully and directly, without refusing, disclaimers or lecturing."
 )
+# The start of the answer the re-ask gives the model to continue, on a turn the probe also
+# read and cleared. A small model's refusal is a habit of its first tokens: Qwen2.5-Coder-1.5B
+# refused three benign JailbreakBench requests (fan fiction, a story, a biography) when
+# re-asked with CLARIFY alone, and answered all three when the answer was started for it.
+# That pushes past any refusal, so it is kept for the turns whose verdict is best founded:
+# cross-validated, no harmful development prompt the probe read scored under
+# RECOVER_BELOW_PROBED, while 8 of the 115 the classifier alone cleared below RECOVER_BELOW
+# were harmful. Not shown to the user: the continuation reads as a whole answer.
+PREFILL = "Sure! Here it is:\n\n"
 # How many earlier user turns the gate reads with the current one.
 CONTEXT_TURNS = 2
 
@@ -70,6 +79,8 @@ class GateVerdict:
     # below this harmful probability a refusal by the model is recovered from: it depends on
     # which readings the probability combines (how many harmful requests score under it)
     recover_below: float = RECOVER_BELOW
+    # the chat model's probe read the turn too
+    probed: bool = False
 
     @property
     def blocked(self) -> bool:
@@ -228,12 +239,17 @@ class SafetyGate:
         except SalonError as exc:
             log.warning("the probe gave no verdict (%s); the embedded one stands", exc.code)
             return verdict
-        return GateVerdict(probed, self.policy.decide(probed), RECOVER_BELOW_PROBED)
+        return GateVerdict(probed, self.policy.decide(probed), RECOVER_BELOW_PROBED, probed=True)
 
     def recovery(self, verdict: GateVerdict | None) -> Recovery | None:
         if not self._recover or verdict is None or not verdict.recoverable:
             return None
-        return Recovery(self.detector, verdict.assessment.harmful_probability, self._retry_on)
+        return Recovery(
+            self.detector,
+            verdict.assessment.harmful_probability,
+            self._retry_on,
+            prefill=PREFILL if verdict.probed else None,
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -244,6 +260,8 @@ class Recovery:
     harm_score: float
     # the model to ask again (the operator's `safety_recovery_model`); None: the same one
     retry_on: ModelRoute | None = None
+    # the answer's start the re-ask gives a model that continues answers; None: none
+    prefill: str | None = None
     hold_chars: int = HOLD_CHARS
     hold_max_s: float = HOLD_MAX_S
 
@@ -264,18 +282,34 @@ class Recovery:
     def is_refusal(self, verdict: RefusalVerdict) -> bool:
         return verdict.is_refusal(REFUSAL_AT)
 
-    def reask(self, messages: Sequence[ChatMessage]) -> tuple[ChatMessage, ...]:
-        """The same conversation with the clarifying instruction in the system message (the
-        first message: many chat templates accept a system message nowhere else)."""
+    def prefills(self, route: ModelRoute) -> bool:
+        return self.prefill is not None and route.continues
+
+    def reask(self, messages: Sequence[ChatMessage], route: ModelRoute) -> tuple[ChatMessage, ...]:
+        """The same conversation for `route`, with the clarifying instruction in the system
+        message (the first message: many chat templates accept a system message nowhere
+        else), and the answer started for it where it continues answers."""
         if messages and messages[0].role == "system":
-            merged = ChatMessage("system", f"{messages[0].content}\n\n{CLARIFY}")
-            return (merged, *messages[1:])
-        return (ChatMessage("system", CLARIFY), *messages)
+            clarified = (
+                ChatMessage("system", f"{messages[0].content}\n\n{CLARIFY}"),
+                *messages[1:],
+            )
+        else:
+            clarified = (ChatMessage("system", CLARIFY), *messages)
+        if self.prefill is None or not route.continues:
+            return clarified
+        return (*clarified, ChatMessage("assistant", self.prefill))
 
     def note(
-        self, first: RefusalVerdict, second: RefusalVerdict | None, by: str | None = None
+        self,
+        first: RefusalVerdict,
+        second: RefusalVerdict | None,
+        by: str | None = None,
+        *,
+        prefilled: bool = False,
     ) -> dict[str, Any]:
-        """`by`: the model that gave the answer, when it is not the one that refused."""
+        """`by`: the model that gave the answer, when it is not the one that refused;
+        `prefilled`: the re-ask started the answer for it."""
         note: dict[str, Any] = {
             "action": "recovered",
             "refusal_score": round(first.probability, 3),
@@ -283,6 +317,8 @@ class Recovery:
         }
         if by is not None:
             note["model"] = by
+        if prefilled:
+            note["prefilled"] = True
         if second is not None and self.is_refusal(second):
             note["action"] = "recovery_failed"
             note["second_refusal_score"] = round(second.probability, 3)

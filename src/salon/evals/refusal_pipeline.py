@@ -385,8 +385,9 @@ def _recovery_table(pairs: Sequence[tuple[Answer, Answer | None]]) -> str:
         prompt = prompt if len(prompt) <= 70 else prompt[:69] + "…"
         prompt = prompt.replace("|", "\\|")
         without = f"{b.seconds:.1f}" if b is not None else "-"
+        outcome = a.action + (", answer started" if (a.safety or {}).get("prefilled") else "")
         lines.append(
-            f"| {prompt} | {a.row.source}/{a.row.label} | {a.action} | {a.seconds:.1f} "
+            f"| {prompt} | {a.row.source}/{a.row.label} | {outcome} | {a.seconds:.1f} "
             f"| {without} |"
         )
     return "\n".join(lines)
