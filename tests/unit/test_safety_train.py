@@ -10,7 +10,7 @@ import pytest
 
 pytest.importorskip("sklearn")
 
-from salon.safety.datasets import training_prompts
+from salon.safety.datasets import read_prompts, resolve_split, training_prompts
 from salon.safety.harm import EmbeddedHarmClassifier
 from salon.safety.train import cross_validated_classifier, folds, gate_oof, save_oof
 
@@ -82,3 +82,10 @@ def test_fold_fine_tunings_are_kept_for_the_same_rows_only(
     relabelled = [replace(rows[0], label="safe"), *rows[1:]]
     with pytest.raises(AssertionError, match="fine-tuned again"):
         train.fold_tuned(relabelled, data, 0, tr, tmp_path)  # other data
+
+
+def test_the_held_out_prompts_stay_out_of_training() -> None:
+    held = read_prompts(resolve_split("heldout"))
+    assert len(held) >= 150 and {r.label for r in held} == {"safe", "unsafe"}
+    trained = {" ".join(r.prompt.lower().split()) for r in training_prompts()}
+    assert not [r.uid for r in held if " ".join(r.prompt.lower().split()) in trained]

@@ -61,10 +61,11 @@ CLARIFY = (
 # read and cleared. A small model's refusal is a habit of its first tokens: Qwen2.5-Coder-1.5B
 # refused three benign JailbreakBench requests (fan fiction, a story, a biography) when
 # re-asked with CLARIFY alone, and answered all three when the answer was started for it.
-# That pushes past any refusal, so it is kept for the turns whose verdict is best founded:
-# cross-validated, no harmful development prompt the probe read scored under
-# RECOVER_BELOW_PROBED, while 8 of the 115 the classifier alone cleared below RECOVER_BELOW
-# were harmful. Not shown to the user: the continuation reads as a whole answer.
+# That pushes past any refusal, so it is kept for the turns whose verdict is best founded,
+# those the probe read too: cross-validated, 1 of the 35 development prompts that the probe
+# read and the combination scored under RECOVER_BELOW_PROBED is harmful (6 of 224 training
+# prompts, 2.7 %), against 7 of the 112 that the classifier alone cleared under
+# RECOVER_BELOW (6.3 %). Not shown to the user: the continuation reads as a whole answer.
 PREFILL = "Sure! Here it is:\n\n"
 # How many earlier user turns the gate reads with the current one.
 CONTEXT_TURNS = 2

@@ -387,7 +387,6 @@ def _recovery_table(pairs: Sequence[tuple[Answer, Answer | None]]) -> str:
         without = f"{b.seconds:.1f}" if b is not None else "-"
         outcome = a.action + (", answer started" if (a.safety or {}).get("prefilled") else "")
         lines.append(
-            f"| {prompt} | {a.row.source}/{a.row.label} | {outcome} | {a.seconds:.1f} "
-            f"| {without} |"
+            f"| {prompt} | {a.row.source}/{a.row.label} | {outcome} | {a.seconds:.1f} | {without} |"
         )
     return "\n".join(lines)

@@ -121,8 +121,12 @@ def training_prompts(paths: Sequence[Path] = ()) -> list[PromptRow]:
     return [row for p in chosen for row in read_prompts(p)]
 
 
+# The shipped prompt sets an eval names. ``heldout`` was written after the shipped gate was
+# trained, in the shapes of its remaining errors, and is never trained on: how the gate does
+# on new prompts of the kinds it gets wrong (training on it would end that).
+SPLITS = {"dev": DATA / "dev.csv", "heldout": DATA / "heldout.csv"}
+
+
 def resolve_split(split_or_path: str | Path) -> Path:
-    """``dev`` names the shipped development split; anything else is a CSV path."""
-    if str(split_or_path) == "dev":
-        return DATA / "dev.csv"
-    return Path(split_or_path)
+    """``dev`` and ``heldout`` name shipped prompt sets; anything else is a CSV path."""
+    return SPLITS.get(str(split_or_path), Path(split_or_path))
