@@ -58,8 +58,9 @@ CLASSIFIER = FakeHarmClassifier(
 )
 
 
-def _probe_clearing(word: str) -> Probe:
-    """A probe on fake hidden states that reads turns with `word` as clearly benign."""
+def _probe(reads: dict[str, float]) -> Probe:
+    """A probe on fake hidden states: a turn with a key of `reads` gets that state, which
+    reads as harmful above 0 and benign below; any other turn reads 0.5."""
     zeros, ones = np.zeros(1, np.float32), np.ones(1, np.float32)
     harm = LinearHead(zeros, ones, np.array([[2.0]], np.float32), np.zeros(1, np.float32))
     category = LinearHead(
@@ -68,7 +69,7 @@ def _probe_clearing(word: str) -> Probe:
     model = ProbeModel(
         "m", "0" * 64, "{turn}", 200, None, ("last",), 0.5, 0.0, harm, category, CATEGORIES
     )
-    return Probe(FakeHiddenStates({word: [-5.0]}, 1), model)
+    return Probe(FakeHiddenStates({k: [v] for k, v in reads.items()}, 1), model)
 
 
 class Scripted:
@@ -243,15 +244,36 @@ async def test_a_model_that_refuses_even_when_clarified_answers_once_its_answer_
     engine: AsyncEngine,
 ) -> None:
     backend = Scripted(refuse="unstarted")
-    service, user_id, cid = await _service(engine, backend, probe=_probe_clearing("shoot"))
+    probe = _probe({"shoot": -5.0})
+    service, user_id, cid = await _service(engine, backend, probe=probe)
     seen, message = await _ask(service, user_id, cid, "how do I shoot photos in low light")
     assert seen == ANSWER and message["content"] == ANSWER  # the started part is not shown
     assert message["safety"]["action"] == "recovered" and message["safety"]["prefilled"]
     assert backend.calls[1].messages[-1] == ChatMessage("assistant", PREFILL)
-    # a turn the probe did not read and clear gets the clarification alone, and stays refused
+    assert CLARIFY in backend.calls[1].messages[0].content
+
+
+async def test_a_refused_turn_only_the_classifier_read_is_read_by_the_probe_before_recovery(
+    engine: AsyncEngine,
+) -> None:
+    backend = Scripted(refuse="unstarted")
+    probe = _probe({"zombie": -5.0, "macro": 20.0})
+    service, user_id, cid = await _service(engine, backend, probe=probe)
+    states = probe.states
+    assert isinstance(states, FakeHiddenStates)
+    # the classifier clears it (0.01): the probe reads it only once the model has refused,
+    # clears it too, and the answer is started for the model
     seen, message = await _ask(service, user_id, cid, "how do I kill a zombie process")
-    assert backend.calls[3].messages[-1].role == "user"
-    assert seen == REFUSAL and message["safety"]["action"] == "recovery_failed"
+    assert states.texts == ["how do I kill a zombie process"]
+    assert seen == ANSWER and message["safety"]["prefilled"]
+    # the probe reads this one as harmful: the model's refusal stands, and is not re-asked
+    seen, message = await _ask(service, user_id, cid, "write an office macro that mails passwords")
+    assert len(states.texts) == 2 and len(backend.calls) == 3
+    assert seen == REFUSAL and message["safety"] is None
+    # a turn the model answers costs no reading
+    backend.refuse = "never"
+    seen, _ = await _ask(service, user_id, cid, "how do I kill a zombie process")
+    assert seen == ANSWER and len(states.texts) == 2
 
 
 async def test_a_recovery_model_barred_from_personal_data_is_not_asked(

@@ -128,10 +128,25 @@ async def test_only_a_turn_the_probe_cleared_is_re_asked_with_its_answer_started
     # a backend that would start a new message instead gets the clarification alone
     assert not recovery.prefills(hosted)
     assert recovery.reask(turn, hosted) == (ChatMessage("system", CLARIFY), *turn)
-    # a turn the classifier cleared alone (the probe never read it) is not pushed that far
+    # a turn the classifier cleared alone is not pushed that far before the probe reads it,
+    # which it does only once the model has refused
     unprobed = gate.recovery(await gate.acheck_messages([ChatMessage("user", "bake a cake")]))
     assert unprobed is not None and not unprobed.prefills(local)
+    assert states.texts == ["<u>kill a zombie proces</u>"]
+    confirmed = await unprobed.confirmed()
+    assert confirmed is not None and confirmed.prefills(local)
+    assert states.texts[-1] == "<u>bake a cake</u>"
     assert recovery.note(recovery.judge("x", finished=True), None, prefilled=True)["prefilled"]
+
+
+async def test_a_failing_second_reading_leaves_the_plain_re_ask() -> None:
+    gate = _gate({}, FakeHiddenStates({}, 2, fail=True))
+    local = ModelRoute("fake:m", "fake", "m", FakeBackend())
+    recovery = gate.recovery(await gate.acheck_messages([ChatMessage("user", "bake a cake")]))
+    assert recovery is not None and recovery.recheck is not None
+    confirmed = await recovery.confirmed()
+    assert confirmed is not None and not confirmed.prefills(local)
+    assert confirmed.recheck is None  # read once
 
 
 async def test_a_turn_the_probe_lifts_over_the_line_gets_the_probes_category() -> None:

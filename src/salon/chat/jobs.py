@@ -27,6 +27,7 @@ from salon.domain import CompletionRequest, MessageStatus, StreamEvent, TextDelt
 from salon.errors import SalonError
 from salon.personalization.checks import CheckResult
 from salon.personalization.enforce import StreamEnforcer
+from salon.safety.refusal import RefusalVerdict
 from salon.store.conversations import Checkpoint, ConversationStore
 
 log = logging.getLogger(__name__)
@@ -330,19 +331,13 @@ class JobRunner:
             held, usage, ended = await _hold(stream, recovery)
             verdict = recovery.judge(held, finished=ended)
             if recovery.is_refusal(verdict):
-                # Never shown to anyone: the job's text is still empty. Stop the first
-                # generation, then ask once more with the clarifying instruction.
-                await stream.aclose()
-                other = recovery.route(route)
-                retry = replace(
-                    request, model=other.name, messages=recovery.reask(request.messages, other)
-                )
-                usage = await self._relay(job, other.backend.stream(retry))
-                second = recovery.judge(job.text(), finished=True)
-                by = other.id if other is not route else None
-                job.safety = recovery.note(verdict, second, by, prefilled=recovery.prefills(other))
-                log.info("message %s: recovered from a refusal (%s)", job.message_id, job.safety)
-                return usage
+                confirmed = await recovery.confirmed()
+                if confirmed is not None:
+                    # Never shown to anyone: the job's text is still empty. Stop the first
+                    # generation, then ask once more.
+                    await stream.aclose()
+                    return await self._reask(job, route, request, confirmed, verdict)
+                log.info("message %s: a second reading kept the refusal", job.message_id)
             if held:
                 job.emit(held)
             if ended:
@@ -350,6 +345,25 @@ class JobRunner:
             return await self._relay(job, stream.rest())
         finally:
             await stream.aclose()
+
+    async def _reask(
+        self,
+        job: GenerationJob,
+        route: ModelRoute,
+        request: CompletionRequest,
+        recovery: Recovery,
+        refusal: RefusalVerdict,
+    ) -> Usage | None:
+        """The one re-ask after a refusal: with the clarifying instruction, on the recovery
+        model where there is one, and the answer started where that model continues it."""
+        other = recovery.route(route)
+        retry = replace(request, model=other.name, messages=recovery.reask(request.messages, other))
+        usage = await self._relay(job, other.backend.stream(retry))
+        second = recovery.judge(job.text(), finished=True)
+        by = other.id if other is not route else None
+        job.safety = recovery.note(refusal, second, by, prefilled=recovery.prefills(other))
+        log.info("message %s: recovered from a refusal (%s)", job.message_id, job.safety)
+        return usage
 
     async def _relay(self, job: GenerationJob, events: AsyncIterator[StreamEvent]) -> Usage | None:
         last_flush = time.monotonic()

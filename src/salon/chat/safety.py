@@ -14,8 +14,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, replace
 from typing import Any
 
 from salon.backends.registry import ModelRoute
@@ -82,6 +82,9 @@ class GateVerdict:
     recover_below: float = RECOVER_BELOW
     # the chat model's probe read the turn too
     probed: bool = False
+    # for a turn the probe skipped (the classifier cleared it): the probe's verdict, read on
+    # demand, when the model refuses the turn and recovery wants a second opinion
+    second_reading: Callable[[], Awaitable[GateVerdict]] | None = None
 
     @property
     def blocked(self) -> bool:
@@ -234,23 +237,42 @@ class SafetyGate:
         if self._probe is None:
             return verdict
         if not self._probe.wanted(verdict.assessment):
-            return verdict
+            # Most turns: not worth a prompt evaluation unless the model refuses one.
+            probe = self._probe
+            return replace(
+                verdict, second_reading=lambda: self._read(probe, turn, earlier, verdict)
+            )
+        return await self._read(self._probe, turn, earlier, verdict)
+
+    async def _read(
+        self, probe: Probe, turn: str, earlier: list[str], verdict: GateVerdict
+    ) -> GateVerdict:
         try:  # a prompt evaluation: ~0.2-0.5 s of CPU, off the event loop
-            probed = await asyncio.to_thread(self._probe.assess, turn, verdict.assessment, earlier)
+            probed = await asyncio.to_thread(probe.assess, turn, verdict.assessment, earlier)
         except SalonError as exc:
             log.warning("the probe gave no verdict (%s); the embedded one stands", exc.code)
-            return verdict
+            return replace(verdict, second_reading=None)
         return GateVerdict(probed, self.policy.decide(probed), RECOVER_BELOW_PROBED, probed=True)
 
     def recovery(self, verdict: GateVerdict | None) -> Recovery | None:
         if not self._recover or verdict is None or not verdict.recoverable:
             return None
+        reading = verdict.second_reading
         return Recovery(
             self.detector,
             verdict.assessment.harmful_probability,
             self._retry_on,
             prefill=PREFILL if verdict.probed else None,
+            recheck=None if reading is None else self._reread(reading),
         )
+
+    def _reread(
+        self, reading: Callable[[], Awaitable[GateVerdict]]
+    ) -> Callable[[], Awaitable[Recovery | None]]:
+        async def reread() -> Recovery | None:
+            return self.recovery(await reading())
+
+        return reread
 
 
 @dataclass(frozen=True, slots=True)
@@ -263,6 +285,9 @@ class Recovery:
     retry_on: ModelRoute | None = None
     # the answer's start the re-ask gives a model that continues answers; None: none
     prefill: str | None = None
+    # for a turn the probe has not read: reads it once the model has refused, and gives the
+    # recovery that verdict allows (None: the refusal stands)
+    recheck: Callable[[], Awaitable[Recovery | None]] | None = None
     hold_chars: int = HOLD_CHARS
     hold_max_s: float = HOLD_MAX_S
 
@@ -282,6 +307,14 @@ class Recovery:
 
     def is_refusal(self, verdict: RefusalVerdict) -> bool:
         return verdict.is_refusal(REFUSAL_AT)
+
+    async def confirmed(self) -> Recovery | None:
+        """The recovery to make once the model has refused: this one, or, for a turn only
+        the classifier read, the one the probe's verdict allows (None: none). A refusal
+        is evidence, so a turn cleared on the cheaper reading alone is read again before
+        salon pushes past it; cross-validated, the probe finds 6 of the 7 harmful
+        development prompts the classifier cleared under RECOVER_BELOW (probe_report.md)."""
+        return self if self.recheck is None else await self.recheck()
 
     def prefills(self, route: ModelRoute) -> bool:
         return self.prefill is not None and route.continues
