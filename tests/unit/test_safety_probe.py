@@ -23,11 +23,11 @@ from salon.chat.safety import (
 )
 from salon.domain import ChatMessage
 from salon.observability.metrics import Metrics
-from salon.safety.datasets import CATEGORIES
+from salon.safety.datasets import CATEGORIES, PromptRow
 from salon.safety.harm import Assessment, FakeHarmClassifier
 from salon.safety.policy import MIN_REFUSE_AT, Policy
 from salon.safety.probe import PROBE_FROM, LinearHead, Probe, ProbeModel, cross_validated
-from salon.safety.train_probe import fit_category, fit_harm
+from salon.safety.train_probe import _second_reading, fit_category, fit_harm
 
 HARMFUL = [3.0, 0.0]  # the fake chat model's reading of a harmful request
 BENIGN = [-3.0, 0.0]
@@ -253,3 +253,14 @@ async def test_a_refusal_is_recovered_from_below_a_higher_bound_once_the_probe_r
     assert RECOVER_BELOW_PROBED <= unsure.assessment.harmful_probability < 0.8
     assert not unsure.blocked and not unsure.recoverable
     assert RECOVER_BELOW < RECOVER_BELOW_PROBED < MIN_REFUSE_AT
+
+
+def test_the_second_reading_is_calibrated_on_the_turns_the_gate_does_not_probe() -> None:
+    def row(uid: str, source: str, label: str) -> PromptRow:
+        return PromptRow(uid, source, label, "", uid, "")
+
+    rows = [row("a", "xstest", "unsafe"), row("b", "salon_written", "safe"), row("c", "x", "safe")]
+    text = _second_reading(rows, [PROBE_FROM / 2, PROBE_FROM / 2, 0.9], [0.999, 0.001, 0.5])
+    assert "All 2 such training prompts" in text and "The 1 of the development split" in text
+    # the harmful one, which the probe reads as harmful, lands high; the safe one low
+    assert "| [0.75, 1.00) | 1 | 100.0 %" in text and "| [0.00, 0.10) | 1 | 0.0 %" in text

@@ -312,8 +312,11 @@ class Recovery:
         """The recovery to make once the model has refused: this one, or, for a turn only
         the classifier read, the one the probe's verdict allows (None: none). A refusal
         is evidence, so a turn cleared on the cheaper reading alone is read again before
-        salon pushes past it; cross-validated, the probe finds 6 of the 7 harmful
-        development prompts the classifier cleared under RECOVER_BELOW (probe_report.md)."""
+        salon pushes past it. Cross-validated, the average puts all 7 harmful development
+        prompts that the classifier cleared under RECOVER_BELOW at 0.4 or more, and 101 of its
+        105 safe ones under; over all training prompts, 6 of the 1,550 it puts under 0.4 are
+        harmful, against 28 of the 1,605 the classifier alone cleared (probe_report.md,
+        "The second reading")."""
         return self if self.recheck is None else await self.recheck()
 
     def prefills(self, route: ModelRoute) -> bool:

@@ -182,8 +182,33 @@ def _logit(p: float) -> float:
 def combined(gate: Sequence[float], probe: Sequence[float], weight: float) -> list[float]:
     """What the gate serves: the probe's reading averaged in, and shifted onto the policy's
     scale, from PROBE_FROM up."""
-    both = [shifted(b, shift()) for b in mixed(gate, probe, 1.0 - weight)]
+    both = averaged(gate, probe, weight)
     return [b if g >= PROBE_FROM else g for g, b in zip(gate, both, strict=True)]
+
+
+def averaged(gate: Sequence[float], probe: Sequence[float], weight: float) -> list[float]:
+    """The probe's reading averaged in and shifted, whatever the classifier's score: what
+    recovery reads on a turn the gate did not probe once the model refuses it."""
+    return [shifted(b, shift()) for b in mixed(gate, probe, 1.0 - weight)]
+
+
+def _second_reading(
+    rows: Sequence[PromptRow], gate: Sequence[float], probe: Sequence[float]
+) -> str:
+    """Calibration of the probe's reading on the turns the gate does not probe (the
+    classifier's score under PROBE_FROM), which recovery reads once the model refuses one."""
+    skipped = [i for i, g in enumerate(gate) if g < PROBE_FROM]
+    chosen = [rows[i] for i in skipped]
+    read = averaged([gate[i] for i in skipped], [probe[i] for i in skipped], WEIGHT)
+    dev_rows, dev = train._development_only(chosen, {"read": read})
+    return "\n\n".join(
+        [
+            f"All {len(chosen)} such training prompts:",
+            train.calibration(chosen, read),
+            f"The {len(dev_rows)} of the development split:",
+            train.calibration(dev_rows, dev["read"]),
+        ]
+    )
 
 
 def report(
@@ -231,6 +256,10 @@ def report(
         train.harm_table(rows, served, refuse_at),
         "Calibration of the shipped combination:",
         train.calibration(rows, served),
+        f"The second reading: the turns the classifier scores under {PROBE_FROM}, which the "
+        "gate does not probe, are read by the probe once the model refuses one, before "
+        "recovery pushes past the refusal; the probe averaged in, as the gate would:",
+        _second_reading(rows, gate, probe),
     ]
     return "\n\n".join(parts) + "\n", fold_heads
 
