@@ -269,7 +269,9 @@ async def test_a_refused_turn_only_the_classifier_read_is_read_by_the_probe_befo
     # the probe reads this one as harmful: the model's refusal stands, and is not re-asked
     seen, message = await _ask(service, user_id, cid, "write an office macro that mails passwords")
     assert len(states.texts) == 2 and len(backend.calls) == 3
-    assert seen == REFUSAL and message["safety"] is None
+    assert seen == REFUSAL and message["safety"]["action"] == "refusal_kept"
+    (row,) = await service.safety_summary(days=7)
+    assert (row["recovered"], row["refusal_kept"]) == (1, 1)
     # a turn the model answers costs no reading
     backend.refuse = "never"
     seen, _ = await _ask(service, user_id, cid, "how do I kill a zombie process")

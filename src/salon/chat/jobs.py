@@ -337,6 +337,7 @@ class JobRunner:
                     # generation, then ask once more.
                     await stream.aclose()
                     return await self._reask(job, route, request, confirmed, verdict)
+                job.safety = recovery.kept(verdict)
                 log.info("message %s: a second reading kept the refusal", job.message_id)
             if held:
                 job.emit(held)

@@ -337,6 +337,14 @@ class Recovery:
             return clarified
         return (*clarified, ChatMessage("assistant", self.prefill))
 
+    def kept(self, first: RefusalVerdict) -> dict[str, Any]:
+        """The record of a refusal the second reading upheld (not recovered from)."""
+        return {
+            "action": "refusal_kept",
+            "refusal_score": round(first.probability, 3),
+            "harm_score": round(self.harm_score, 3),
+        }
+
     def note(
         self,
         first: RefusalVerdict,

@@ -694,6 +694,8 @@ class ChatService:
                 "blocked": acted.get("blocked", 0),
                 "recovered": acted.get("recovered", 0),
                 "recovery_failed": acted.get("recovery_failed", 0),
+                # refusals of turns the classifier cleared that a second reading upheld
+                "refusal_kept": acted.get("refusal_kept", 0),
                 "caution": acted.get("caution", 0),
                 "blocked_rate": round(acted.get("blocked", 0) / total, 4) if total else 0.0,
                 "caution_rate": round(acted.get("caution", 0) / total, 4) if total else 0.0,

@@ -481,7 +481,7 @@ class ConversationStore:
 
     async def safety_summary(self, since: datetime) -> list[tuple[str, int, dict[str, int]]]:
         """Per model, since `since`: how many answers, and how many of them the safety
-        layer acted on, by action ("blocked", "recovered", "recovery_failed")."""
+        layer acted on, by action ("blocked", "recovered", "recovery_failed", ...)."""
         m = messages.c
         recent = sa.and_(m.role == "assistant", m.created_at >= since)
         async with self._engine.connect() as conn:

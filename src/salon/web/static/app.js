@@ -1047,6 +1047,7 @@ const SAFETY_TEXT = {
   blocked: 'Answered by salon: this request was not sent to the model.',
   recovered: 'The model first declined this harmless request; salon asked again.',
   recovery_failed: 'The model declined this request, also when asked again.',
+  refusal_kept: 'The model declined this request; salon checked it again and left the refusal.',
   caution: 'This request looked possibly harmful, so the model was asked to answer with care.',
 };
 
@@ -1635,7 +1636,7 @@ async function loadSafetyStats() {
     body.replaceChildren(...rows.map((row) => {
       const tr = document.createElement('tr');
       const pct = (n) => (row.answers ? `${n} (${((100 * n) / row.answers).toFixed(1)} %)` : '0');
-      for (const value of [row.model, String(row.answers), pct(row.blocked), pct(row.caution), pct(row.recovered), pct(row.recovery_failed)]) {
+      for (const value of [row.model, String(row.answers), pct(row.blocked), pct(row.caution), pct(row.recovered), pct(row.recovery_failed), pct(row.refusal_kept || 0)]) {
         const td = document.createElement('td');
         td.textContent = value;
         tr.append(td);
