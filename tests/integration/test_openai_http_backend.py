@@ -148,6 +148,21 @@ async def test_continuing_an_assistant_message_asks_for_prefill(
     assert body["add_generation_prompt"] is False
 
 
+async def test_a_server_not_declared_to_continue_gets_no_prefill_fields(
+    upstream: RunningUpstream,
+) -> None:
+    """OpenAI itself answers 400 to a field it does not know: none is sent unless declared."""
+    adapter = OpenAIHttpBackend(upstream.base_url, continues=False)
+    try:
+        messages = (*HELLO, ChatMessage("assistant", "I am"))
+        await collect(adapter, CompletionRequest("mock", messages))
+    finally:
+        await adapter.close()
+    body = upstream.state.requests[-1]
+    assert "continue_final_message" not in body and "add_generation_prompt" not in body
+    assert body["messages"][-1] == {"role": "assistant", "content": "I am"}
+
+
 async def test_many_concurrent_streams_share_the_client(backend: OpenAIHttpBackend) -> None:
     results = await asyncio.gather(*(collect(backend, request()) for _ in range(50)))
     assert all(len(texts) == 20 and finished is not None for texts, finished in results)

@@ -42,6 +42,7 @@ class OpenAIHttpBackend:
         connect_timeout_s: float = 5.0,
         read_timeout_s: float = 300.0,
         inject: Callable[[dict[str, str]], None] | None = None,
+        continues: bool = True,
     ) -> None:
         self._url = base_url.rstrip("/") + "/chat/completions"
         self._headers = {"Content-Type": "application/json"}
@@ -53,6 +54,9 @@ class OpenAIHttpBackend:
             total=None, connect=connect_timeout_s, sock_read=read_timeout_s
         )
         self._session: aiohttp.ClientSession | None = None
+        # Does the server take `continue_final_message`? A hosted API may reject a field it
+        # does not know (OpenAI answers 400), so it is sent only where the operator said so.
+        self._continues = continues
 
     def _client(self) -> aiohttp.ClientSession:
         # Created lazily: a ClientSession must be made inside the running event loop.
@@ -70,7 +74,7 @@ class OpenAIHttpBackend:
                 headers = dict(headers)
                 self._inject(headers)
             async with self._client().post(
-                self._url, data=json.dumps(_body(request)), headers=headers
+                self._url, data=json.dumps(_body(request, self._continues)), headers=headers
             ) as response:
                 if response.status != 200:
                     raise _http_error(response.status, await response.read())
@@ -97,7 +101,7 @@ class OpenAIHttpBackend:
             await self._session.close()
 
 
-def _body(request: CompletionRequest) -> dict[str, Any]:
+def _body(request: CompletionRequest, continues: bool) -> dict[str, Any]:
     body: dict[str, Any] = {
         "model": request.model,
         "messages": [{"role": m.role, "content": m.content} for m in request.messages],
@@ -116,7 +120,7 @@ def _body(request: CompletionRequest) -> dict[str, Any]:
     if params.top_logprobs:
         body["logprobs"] = True
         body["top_logprobs"] = params.top_logprobs
-    if request.messages and request.messages[-1].role == "assistant":
+    if continues and request.messages and request.messages[-1].role == "assistant":
         # Continue the last assistant message (vLLM's / llama.cpp's prefill).
         body["continue_final_message"] = True
         body["add_generation_prompt"] = False

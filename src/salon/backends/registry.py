@@ -169,6 +169,7 @@ class BackendRegistry:
             key,
             connect_timeout_s=config.connect_timeout_s,
             read_timeout_s=config.read_timeout_s,
+            continues=config.continues,
             inject=self._tracing.inject
             if self._tracing is not None and self._tracing.propagate_to_backends
             else None,

@@ -47,6 +47,12 @@ CONTEXT_MESSAGES = 200
 # (the job may have ended without its last event reaching here, or its node may have died).
 LIVE_SILENCE_S = 2.0
 RESTARTABLE = {MessageStatus.INCOMPLETE, MessageStatus.STOPPED, MessageStatus.ERROR}
+# How an answer is continued on a model that starts a new message after a trailing assistant
+# one instead of extending it.
+CONTINUE_ASKED = (
+    "Continue your previous answer exactly where it stopped. Do not repeat what you already "
+    "wrote and do not mention the interruption."
+)
 
 
 def utcnow() -> datetime:
@@ -323,6 +329,10 @@ class ChatService:
         history = await self._history(user_id, message.conversation_id, message.parent_id)
         if message.content:
             history.append(ChatMessage("assistant", message.content))
+            if not route.continues:
+                # A model that cannot continue a trailing assistant message (a hosted API)
+                # starts a new one: it is asked to carry on from where the answer stopped.
+                history.append(ChatMessage("user", CONTINUE_ASKED))
         await self._store.restart(message_id, self._clock())
         conversation = await self._store.get(user_id, message.conversation_id)
         # A continuation is not re-checked: the enforcer never saw the first part.
