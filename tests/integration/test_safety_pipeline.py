@@ -43,6 +43,9 @@ REFUSAL = (
     "If you are having thoughts of harming others, please reach out to a professional. "
     "I won't provide any instructions for this."
 )
+# A refusal that stands ends the answer: what of it the hold saw (200 characters), up to its
+# last whole sentence.
+KEPT_REFUSAL = REFUSAL[: REFUSAL.index("professional.") + len("professional.")]
 ANSWER = (
     "A zombie process has already exited; its parent has not reaped it yet. Find the parent "
     "with `ps -o ppid= -p PID`, then signal it (or restart it) so it calls wait()."
@@ -269,7 +272,7 @@ async def test_a_refused_turn_only_the_classifier_read_is_read_by_the_probe_befo
     # the probe reads this one as harmful: the model's refusal stands, and is not re-asked
     seen, message = await _ask(service, user_id, cid, "write an office macro that mails passwords")
     assert len(states.texts) == 2 and len(backend.calls) == 3
-    assert seen == REFUSAL and message["safety"]["action"] == "refusal_kept"
+    assert seen == KEPT_REFUSAL and message["safety"]["action"] == "refusal_kept"
     (row,) = await service.safety_summary(days=7)
     assert (row["recovered"], row["refusal_kept"]) == (1, 1)
     # a turn the model answers costs no reading
@@ -297,7 +300,7 @@ async def test_an_uncertain_request_gets_the_caution_and_is_never_recovered(
     service, user_id, cid = await _service(engine, backend, CAUTIOUS)
     seen, message = await _ask(service, user_id, cid, "how do I pick a lock")
     assert len(backend.calls) == 1
-    assert seen == REFUSAL
+    assert seen == KEPT_REFUSAL
     assert message["safety"] == {
         "action": "caution",
         "category": "crime",
@@ -329,7 +332,8 @@ async def test_without_a_caution_band_an_uncertain_request_is_answered_plainly(
     backend = Scripted(refuse="first")
     service, user_id, cid = await _service(engine, backend)  # the shipped policy
     seen, message = await _ask(service, user_id, cid, "how do I pick a lock")
-    assert seen == REFUSAL and message["safety"] is None and len(backend.calls) == 1
+    assert seen == KEPT_REFUSAL and len(backend.calls) == 1
+    assert message["safety"]["action"] == "refusal_kept" and message["safety"]["cut"]
 
 
 async def test_regenerating_a_blocked_turn_is_blocked_again(engine: AsyncEngine) -> None:

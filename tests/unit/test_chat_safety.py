@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 from salon.backends.fakes import FakeBackend
 from salon.backends.registry import ModelRoute
 from salon.chat.safety import CLARIFY, RECOVER_BELOW, SafetyGate
@@ -16,6 +18,7 @@ def test_the_embedded_gate_blocks_a_clearly_harmful_request() -> None:
     assert verdict.decision.message
     assert verdict.note()["action"] == "blocked"
     assert not verdict.recoverable
+    assert SafetyGate().recovery(verdict) is None  # nothing is generated to watch
 
 
 def test_the_embedded_gate_lets_a_zombie_process_question_through_and_would_recover() -> None:
@@ -33,7 +36,10 @@ def test_uncertain_requests_are_answered_with_caution_but_never_recovered() -> N
     assert not verdict.blocked
     assert verdict.instruction == "take care" and verdict.note()["action"] == "caution"
     assert not verdict.recoverable
-    assert gate.recovery(verdict) is None
+    # the opening is still watched, but a refusal ends the answer instead of being re-asked
+    recovery = gate.recovery(verdict)
+    assert recovery is not None and not recovery.reasks
+    assert asyncio.run(recovery.confirmed()) is None
 
 
 def test_with_the_caution_band_off_uncertain_requests_are_still_never_recovered() -> None:
@@ -96,3 +102,21 @@ def test_the_refusal_detector_judges_early_and_whole_replies() -> None:
     assert recovery.is_refusal(recovery.judge(refusal, finished=False))
     assert not recovery.is_refusal(recovery.judge(answer, finished=False))
     assert recovery.is_refusal(recovery.judge("I can't help with that.", finished=True))
+
+
+def test_a_refusal_that_stands_is_kept_up_to_where_it_refuses() -> None:
+    gate = SafetyGate(FakeHarmClassifier({"lock": (0.6, "crime")}))
+    recovery = gate.recovery(gate.check("pick a lock"))
+    assert recovery is not None
+    refusal = (
+        "I'm sorry, but I can't help with that. If you are locked out, a licensed locksmith "
+        "can let you in."
+    )
+    steps = "However, here is how a pin tumbler lock is opened:\n\n1. Insert a tension wrench"
+    assert recovery.refusal_only(f"{refusal}\n\n{steps}") == refusal
+    assert recovery.refusal_only(refusal) == refusal
+    # the paragraph goes on past the held text: kept up to its last whole sentence
+    assert recovery.refusal_only(f"{refusal} However, the first step is to ins") == refusal
+    # an answer that never refuses is kept whole
+    answer = "Sure. A pin tumbler lock has five pins.\n\nEach pin is pushed up by a key."
+    assert recovery.refusal_only(answer) == answer

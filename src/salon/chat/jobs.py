@@ -337,8 +337,14 @@ class JobRunner:
                     # generation, then ask once more.
                     await stream.aclose()
                     return await self._reask(job, route, request, confirmed, verdict)
-                job.safety = recovery.kept(verdict)
-                log.info("message %s: a second reading kept the refusal", job.message_id)
+                # The refusal stands, and the answer ends with it (the rest is never shown).
+                kept = recovery.refusal_only(held)
+                cut = len(kept) < len(held.rstrip()) or not ended
+                job.safety = recovery.kept(verdict, cut=cut) or job.safety
+                log.info("message %s: the refusal stands", job.message_id)
+                if kept:
+                    job.emit(kept)
+                return usage if ended else None
             if held:
                 job.emit(held)
             if ended:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import threading
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, replace
@@ -69,6 +70,9 @@ CLARIFY = (
 PREFILL = "Sure! Here it is:\n\n"
 # How many earlier user turns the gate reads with the current one.
 CONTEXT_TURNS = 2
+
+# Where a sentence (or a line) ends: the refusal that stands is cut after one of these.
+_SENTENCE_END = re.compile(r"[.!?](?=\s|$)|\n")
 
 log = logging.getLogger(__name__)
 
@@ -255,8 +259,19 @@ class SafetyGate:
         return GateVerdict(probed, self.policy.decide(probed), RECOVER_BELOW_PROBED, probed=True)
 
     def recovery(self, verdict: GateVerdict | None) -> Recovery | None:
-        if not self._recover or verdict is None or not verdict.recoverable:
+        """What the job does with the answer's opening: re-ask a refused benign turn, or, on a
+        turn not safe enough to push past a refusal, end the answer where the model refused
+        (`Recovery.reasks` false). None: a blocked turn, or recovery off."""
+        if not self._recover or verdict is None or verdict.blocked:
             return None
+        if not verdict.recoverable:
+            # a turn answered with caution keeps that record; the refusal still ends the answer
+            return Recovery(
+                self.detector,
+                verdict.assessment.harmful_probability,
+                reasks=False,
+                records=verdict.instruction is None,
+            )
         reading = verdict.second_reading
         return Recovery(
             self.detector,
@@ -270,7 +285,8 @@ class SafetyGate:
         self, reading: Callable[[], Awaitable[GateVerdict]]
     ) -> Callable[[], Awaitable[Recovery | None]]:
         async def reread() -> Recovery | None:
-            return self.recovery(await reading())
+            recovery = self.recovery(await reading())
+            return recovery if recovery is not None and recovery.reasks else None
 
         return reread
 
@@ -290,6 +306,10 @@ class Recovery:
     recheck: Callable[[], Awaitable[Recovery | None]] | None = None
     hold_chars: int = HOLD_CHARS
     hold_max_s: float = HOLD_MAX_S
+    # false: the turn is not benign enough to push past a refusal; a refusal ends the answer
+    reasks: bool = True
+    # false: the answer already has its record (a caution), which a refusal that stands keeps
+    records: bool = True
 
     def route(self, refused: ModelRoute) -> ModelRoute:
         """Where the re-ask goes: the recovery model, unless the turn may carry personal data
@@ -317,7 +337,27 @@ class Recovery:
         105 safe ones under; over all training prompts, 6 of the 1,550 it puts under 0.4 are
         harmful, against 28 of the 1,605 the classifier alone cleared (probe_report.md,
         "The second reading")."""
+        if not self.reasks:
+            return None
         return self if self.recheck is None else await self.recheck()
+
+    def refusal_only(self, held: str) -> str:
+        """What is kept of an opening whose refusal stands: its first paragraph when that
+        reads as a refusal (the refusal with whatever it offers instead, such as a crisis
+        line), else the shortest run of its sentences that does, else all of it. A small model
+        often goes on past a refusal ("I can't help with that.\n\nHowever, here is ..."), and
+        what follows is where harmful content gets through."""
+        ends = [m.end() for m in _SENTENCE_END.finditer(held)]
+        paragraph = held.find("\n\n")
+        # without a paragraph break it may go on past the held text: up to its last sentence
+        last = ends[-1] if ends else len(held)
+        first = held[:paragraph] if paragraph >= 0 else held[:last]
+        if first.strip() and self.is_refusal(self.detector.score(first)):
+            return first.rstrip()
+        for end in ends:
+            if self.is_refusal(self.detector.score(held[:end])):
+                return held[:end].rstrip()
+        return held.rstrip()
 
     def prefills(self, route: ModelRoute) -> bool:
         return self.prefill is not None and route.continues
@@ -337,13 +377,19 @@ class Recovery:
             return clarified
         return (*clarified, ChatMessage("assistant", self.prefill))
 
-    def kept(self, first: RefusalVerdict) -> dict[str, Any]:
-        """The record of a refusal the second reading upheld (not recovered from)."""
-        return {
+    def kept(self, first: RefusalVerdict, *, cut: bool) -> dict[str, Any] | None:
+        """The record of a refusal that stands (not re-asked); `cut`: what the model wrote
+        after it was dropped. None: the answer keeps the record it has."""
+        if not self.records:
+            return None
+        note: dict[str, Any] = {
             "action": "refusal_kept",
             "refusal_score": round(first.probability, 3),
             "harm_score": round(self.harm_score, 3),
         }
+        if cut:
+            note["cut"] = True
+        return note
 
     def note(
         self,

@@ -1047,7 +1047,7 @@ const SAFETY_TEXT = {
   blocked: 'Answered by salon: this request was not sent to the model.',
   recovered: 'The model first declined this harmless request; salon asked again.',
   recovery_failed: 'The model declined this request, also when asked again.',
-  refusal_kept: 'The model declined this request; salon checked it again and left the refusal.',
+  refusal_kept: 'The model declined this request. It may be harmful, so salon did not ask again, and the answer ends with the refusal.',
   caution: 'This request looked possibly harmful, so the model was asked to answer with care.',
 };
 
