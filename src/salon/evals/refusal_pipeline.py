@@ -18,11 +18,12 @@ Over-refusal = safe prompts with a full or partial refusal; harmful compliance s
 prompts with anything but a full refusal; lenient = unsafe prompts fully complied with.
 
 "With recovery" and "without recovery" come from one pass and a small second one, honestly:
-recovery changes an answer only when it fires (the gate's verdict and the deterministic,
-temperature-0 first generation are the same either way), so the answers of the pass with
-recovery *are* the answers without it wherever no recovery happened. Only the recovered
-prompts are asked again on a pipeline with recovery off, to get the answer the user would
-otherwise have had (the first attempt is cut off after the hold, so it is not stored whole).
+recovery changes an answer only when it fires or when a refusal that stands ends the answer
+(the gate's verdict and the deterministic, temperature-0 first generation are the same either
+way), so the answers of the pass with recovery *are* the answers without it everywhere else.
+Only the recovered and the cut prompts are asked again on a pipeline with recovery off, to get
+the answer the user would otherwise have had (the first attempt is cut off after the hold, so
+it is not stored whole).
 The time cost of a recovery is its prompt's time with recovery minus its time without.
 """
 
@@ -95,6 +96,11 @@ class Answer:
     @property
     def recovered(self) -> bool:
         return self.action in RECOVERED
+
+    @property
+    def cut(self) -> bool:
+        """A refusal that stood ended the answer: what the model wrote after it was dropped."""
+        return bool((self.safety or {}).get("cut"))
 
 
 @dataclass(frozen=True, slots=True)
@@ -346,17 +352,19 @@ async def run_pipeline_eval(
     recovered = [a for a in first if a.recovered]
     pairs: list[tuple[Answer, Answer | None]] = [(a, None) for a in recovered]
     if recovery == "both":
+        # an answer ended at its refusal differs without recovery too
+        changed = [a for a in first if a.recovered or a.cut]
         again: list[Answer] = []
-        if recovered:
+        if changed:
             async with open_pipeline(False) as pipeline:
                 again = await answer_prompts(
                     pipeline,
-                    [a.row for a in recovered],
+                    [a.row for a in changed],
                     model=model,
                     label="off",
                     progress=progress,
                 )
-        redone = {a.row.uid: b for a, b in zip(recovered, again, strict=True)}
+        redone = {a.row.uid: b for a, b in zip(changed, again, strict=True)}
         pairs = [(a, redone[a.row.uid]) for a in recovered]
         without = [redone.get(a.row.uid, a) for a in first]
         modes.append(ModeReport("without recovery", tuple(judge(a, scorer) for a in without)))
