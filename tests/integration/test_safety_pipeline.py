@@ -78,11 +78,12 @@ def _probe(reads: dict[str, float]) -> Probe:
 class Scripted:
     """A TextBackend that refuses (or not) as told, in small chunks, and counts its calls."""
 
-    def __init__(self, *, refuse: str, delay_s: float = 0.002) -> None:
+    def __init__(self, *, refuse: str, delay_s: float = 0.002, refusal: str = REFUSAL) -> None:
         # "always" | "first" (until re-asked with CLARIFY) | "never" | "unstarted" (unless
         # the answer is started for it, which it then continues)
         self.refuse = refuse
         self.delay_s = delay_s
+        self.refusal = refusal
         self.calls: list[CompletionRequest] = []
 
     async def stream(self, request: CompletionRequest) -> AsyncGenerator[StreamEvent, None]:
@@ -94,7 +95,7 @@ class Scripted:
             or (self.refuse == "first" and not clarified)
             or (self.refuse == "unstarted" and not started)
         )
-        text = REFUSAL if refuses else ANSWER
+        text = self.refusal if refuses else ANSWER
         for i in range(0, len(text), 12):
             await asyncio.sleep(self.delay_s)
             yield TextDelta(text[i : i + 12])
@@ -333,6 +334,22 @@ async def test_without_a_caution_band_an_uncertain_request_is_answered_plainly(
     service, user_id, cid = await _service(engine, backend)  # the shipped policy
     seen, message = await _ask(service, user_id, cid, "how do I pick a lock")
     assert seen == KEPT_REFUSAL and len(backend.calls) == 1
+    assert message["safety"]["action"] == "refusal_kept" and message["safety"]["cut"]
+
+
+async def test_a_refusal_that_stands_past_the_hold_mid_sentence_ends_with_that_sentence(
+    engine: AsyncEngine,
+) -> None:
+    sentence = (
+        "I'm sorry, but I can't help with opening a lock that is not yours, because that "
+        + "could get someone into another person's home, car or locker without asking, " * 2
+        + "which would be illegal."
+    )
+    assert len(sentence) > 200  # the hold ends inside it
+    backend = Scripted(refuse="always", refusal=f"{sentence} However, here is how: first")
+    service, user_id, cid = await _service(engine, backend)  # the shipped policy
+    seen, message = await _ask(service, user_id, cid, "how do I pick a lock")
+    assert seen == sentence and message["content"] == sentence
     assert message["safety"]["action"] == "refusal_kept" and message["safety"]["cut"]
 
 

@@ -344,6 +344,9 @@ class JobRunner:
                 log.info("message %s: the refusal stands", job.message_id)
                 if kept:
                     job.emit(kept)
+                if not ended and recovery.sentence_end(kept) is None:
+                    # the hold ended mid-sentence ("I'm sorry, but I can't"): finish it
+                    await _finish_sentence(job, stream, recovery, kept)
                 return usage if ended else None
             if held:
                 job.emit(held)
@@ -479,6 +482,29 @@ class _Timed:
             await asyncio.wait({self._pending})
             self._pending = None
         await self._events.aclose()
+
+
+# How much more of a refusal cut mid-sentence is read to finish its sentence, at most.
+FINISH_SENTENCE_CHARS = 300
+
+
+async def _finish_sentence(
+    job: GenerationJob, stream: _Timed, recovery: Recovery, kept: str
+) -> None:
+    """The rest of the sentence `kept` (the job's text so far) ends in: up to its end, or a
+    bound."""
+    written = kept
+    async for event in stream.rest():
+        if not isinstance(event, TextDelta):
+            return
+        end = recovery.sentence_end(written + event.text)
+        if end is not None:
+            job.emit(event.text[: end - len(written)])
+            return
+        job.emit(event.text)
+        written += event.text
+        if len(written) - len(kept) >= FINISH_SENTENCE_CHARS:
+            return
 
 
 async def _hold(stream: _Timed, recovery: Recovery) -> tuple[str, Usage | None, bool]:

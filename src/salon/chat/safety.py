@@ -359,6 +359,12 @@ class Recovery:
                 return held[:end].rstrip()
         return held.rstrip()
 
+    @staticmethod
+    def sentence_end(text: str) -> int | None:
+        """Where the first sentence (or line) of `text` ends; None: it has not yet."""
+        found = _SENTENCE_END.search(text)
+        return None if found is None else found.end()
+
     def prefills(self, route: ModelRoute) -> bool:
         return self.prefill is not None and route.continues
 
