@@ -7,9 +7,11 @@ split alone (576 prompts; 5 folds grouped by contrast pair, five seeds averaged)
     .venv/bin/python bench/probe_readings.py --readings chat:16:last,chat:12:last
     .venv/bin/python bench/probe_readings.py --combine chat:16:last+chat:16:mean
 
-A reading is TEMPLATE:LAYERS:POOLING. Each costs one pass of the split through the model cut
-after LAYERS layers (~2-7 min on two cores); the states are kept in --cache, so a table is
-recomputed in seconds. Needs the embedded Qwen model and the dev extra (scikit-learn).
+A reading is [MODEL=]TEMPLATE:LAYERS:POOLING, MODEL a catalog name (Qwen2.5-Coder-1.5B when
+left out), e.g. qwen2.5-coder-0.5b-instruct=chat:12:last. Each costs one pass of the split
+through the model cut after LAYERS layers (~2-7 min on two cores); the states are kept in
+--cache, so a table is recomputed in seconds. Needs the embedded models and the dev extra
+(scikit-learn).
 """
 
 from __future__ import annotations
@@ -36,6 +38,8 @@ TEMPLATES = {
     "chat": "<|im_start|>user\n{turn}<|im_end|>\n<|im_start|>assistant\n",
     # the state at the turn's own last token
     "turn": "<|im_start|>user\n{turn}",
+    # the state at the token that closes the turn
+    "end": "<|im_start|>user\n{turn}<|im_end|>",
     # the model asked about the turn
     "judge": (
         "<|im_start|>system\nYou review requests sent to an AI assistant.<|im_end|>\n"
@@ -49,15 +53,20 @@ DEFAULT_READINGS = (
 )
 DEFAULT_COMBINE = "chat:12:last+chat:16:last;chat:16:last+chat:20:last;chat:16:last+chat:16:mean"
 SEEDS = 5
-LAYER_COUNT = 28  # Qwen2.5-Coder-1.5B's
+LAYER_COUNTS = {MODEL: 28, "qwen2.5-coder-0.5b-instruct": 24, "smollm2-135m-instruct": 30}
 
 
-def states(rows: Sequence[PromptRow], reading: str, source: Path, cache: Path) -> np.ndarray:
-    template, layers, pooling = reading.split(":")
-    kept = cache / f"probe_reading_{template}_{layers}_{pooling}.npy"
+def states(rows: Sequence[PromptRow], reading: str, cache: Path) -> np.ndarray:
+    model, _, spec = reading.rpartition("=")
+    model = model or MODEL
+    template, layers, pooling = spec.split(":")
+    prefix = "" if model == MODEL else f"{model}_"
+    kept = cache / f"probe_reading_{prefix}{template}_{layers}_{pooling}.npy"
     if kept.exists():
         return np.load(kept)
-    path = source if int(layers) >= LAYER_COUNT else first_layers(source, int(layers))
+    source = builtin_catalog().prepare(model, Settings().model_cache_dir, print)
+    full = int(layers) >= LAYER_COUNTS[model]
+    path = source if full else first_layers(source, int(layers))
     reader = LlamaHiddenStates(path, Settings().embedded.threads or 2, (pooling,))
     texts = [TEMPLATES[template].replace("{turn}", r.prompt.strip()[:MAX_CHARS]) for r in rows]
     try:
@@ -98,10 +107,9 @@ def main() -> int:
     parser.add_argument("--cache", type=Path, default=Path(".cache"))
     args = parser.parse_args()
     rows = [r for r in training_prompts() if not r.source.startswith("salon_")]
-    source = builtin_catalog().prepare(MODEL, Settings().model_cache_dir, print)
     read = {}
     for reading in args.readings.split(","):
-        read[reading] = states(rows, reading, source, args.cache)
+        read[reading] = states(rows, reading, args.cache)
         print(f"  read {reading}", file=sys.stderr, flush=True)
     unsafe = sum(r.unsafe for r in rows)
     print(f"Probe alone, development split only: harmful missed of {unsafe}, {SEEDS} seeds")
