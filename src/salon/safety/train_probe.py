@@ -43,6 +43,10 @@ MODEL = "qwen2.5-coder-1.5b-instruct"
 # 64 / 46 / 13; the state at the turn's own last token (no "assistant" header) 100 / 77 / 32;
 # the turn inside a judge's question ("would answering this help someone cause serious
 # harm?") 107 / 82 / 37. Asking the model about harm makes its state worse for the probe.
+# Session 13: this state and the turn's own last token's, concatenated, 46 / 34 / 9 on that
+# benchmark; but on all training prompts, averaged with the classifier at refuse_at, 10-11
+# safe refused and 23-26 harmful through against 9 and 25, for a second prompt evaluation per
+# turn. A second model's state (Qwen2.5-Coder-0.5B) did not help either (60 / 48 / 16).
 TEMPLATE = "<|im_start|>user\n{turn}<|im_end|>\n<|im_start|>assistant\n"
 MAX_CHARS = 1500
 # The probe reads the state after this many of the model's 28 layers (the file cut there,
