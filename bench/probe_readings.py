@@ -9,7 +9,7 @@ split alone (576 prompts; 5 folds grouped by contrast pair, five seeds averaged)
 
 A reading is [MODEL=]TEMPLATE:LAYERS:POOLING, MODEL a catalog name (Qwen2.5-Coder-1.5B when
 left out), e.g. qwen2.5-coder-0.5b-instruct=chat:12:last. Each costs one pass of the split
-through the model cut after LAYERS layers (~2-7 min on two cores); the states are kept in
+through the model cut after LAYERS layers (~4-11 min on two cores); the states are kept in
 --cache, so a table is recomputed in seconds. Needs the embedded models and the dev extra
 (scikit-learn).
 """
