@@ -149,7 +149,7 @@ def classifier_per_turn() -> list[str]:
         shipped.assess(row.prompt)
         previous.assess(row.prompt)
     lines = [
-        "The embedded classifier alone, one turn at a time (single-threaded BLAS, as served); "
+        "The embedded classifier alone, one turn at a time (one thread, as served); "
         f"its embedding reads at most {shipped.tuned.max_words} words of a prompt (the "
         "first and last halves). Against it, interleaved, the previous classifier (TF-IDF, "
         "the frozen embedding's regression and a vote of the nearest training prompts):",

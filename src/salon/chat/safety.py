@@ -198,8 +198,10 @@ class SafetyGate:
         return self._retry_on
 
     def warm_up(self) -> None:
-        """Load the default models now (~100 ms) instead of on the first request."""
+        """Load the default models now instead of on the first request, and assess one turn:
+        the embedding's weights and its encoder are built on first use (~0.3 s)."""
         _ = self.classifier, self.policy, self.detector
+        self.classifier.assess("hello")
 
     def check(self, turn: str, context: Sequence[str] = ()) -> GateVerdict:
         assessment = self.classifier.assess(turn, context[-CONTEXT_TURNS:])

@@ -26,7 +26,8 @@ from typing import Any, Protocol
 import numpy as np
 import numpy.typing as npt
 
-from salon.backends.embeddings import BertLayer, Embedder, MiniLM, bert_layers, default_embedder
+from salon.backends.bert import BertLayer, bert_layers
+from salon.backends.embeddings import Embedder, MiniLM, default_embedder
 from salon.safety._linear import LinearTextModel, load_models, raw_counts
 from salon.safety.datasets import DATA
 
