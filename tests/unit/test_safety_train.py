@@ -89,3 +89,25 @@ def test_the_held_out_prompts_stay_out_of_training() -> None:
     assert len(held) >= 150 and {r.label for r in held} == {"safe", "unsafe"}
     trained = {" ".join(r.prompt.lower().split()) for r in training_prompts()}
     assert not [r.uid for r in held if " ".join(r.prompt.lower().split()) in trained]
+
+
+def test_the_refusal_detector_alone_is_what_the_shipped_one_is(tmp_path: Path) -> None:
+    """`train --refusal` on the shipped replies gives the shipped detector back, and replaces
+    only the refusal section of the report."""
+    from salon.safety.refusal import RefusalDetector
+    from salon.safety.train import REFUSAL_HEADING, read_replies, refusal_only
+
+    report = tmp_path / "report.md"
+    report.write_text(
+        f"## Harm\n\nkept\n\n{REFUSAL_HEADING}\n\nstale numbers\n\n## Compared\n\nkept too\n"
+    )
+    artefact = tmp_path / "refusal.json.gz"
+    assert refusal_only(read_replies(), False, artefact, report) == 0
+    text = report.read_text()
+    assert "stale numbers" not in text and "| whole reply |" in text
+    assert text.startswith("## Harm\n\nkept\n") and text.endswith("## Compared\n\nkept too\n")
+    ours, shipped = RefusalDetector.load(artefact), RefusalDetector.load()
+    replies = ["I'm sorry, but I can't help with that.", "Sure! Run `kill -9 1234` to stop it."]
+    for reply in replies:
+        assert ours.score(reply).probability == pytest.approx(shipped.score(reply).probability)
+    assert ours.score(replies[0]).is_refusal() and not ours.score(replies[1]).is_refusal()

@@ -66,6 +66,7 @@ HARM_C = 8.0
 # 0.93 / 0.94; C=4 with 1-2-grams (the earlier choice) F1 0.653 / 0.653 at precision 0.72.
 REFUSAL_CONFIG = FeatureConfig(word_ngrams=1, char_min=0, char_max=0, max_chars=1500)
 REFUSAL_C = 0.25
+REFUSAL_HEADING = f"## Refusal detector ({FOLDS}-fold CV grouped by reply)"
 # Embedding heads: the logistic regression's C chosen by CV among 0.5-32 (--compare). Three
 # heads weigh equally — TF-IDF, the regression and the neighbour vote (the last two averaged
 # inside DenseHead, so TF-IDF has a third): adding the vote (k = 10, T = 0.1) cut the harmful
@@ -80,6 +81,7 @@ REFUSAL_FILES = (
     "refusal_extra.csv",
     "written_responses.csv",
     "model_responses.csv",
+    "model_responses_written.csv",
 )
 
 Counts = Counter[str]
@@ -609,15 +611,22 @@ def refusal_report(replies: Sequence[Reply]) -> str:
 
     probs = out_of_fold(docs, labels, groups, lambda m, d: m.probabilities(d)["refusal"], train)
     gold = [y == "refusal" for y in labels]
-    lines = ["| view | n | F1 | precision | recall |", "|---|---|---|---|---|"]
-    for name, want in (("whole reply", False), (f"first {EARLY_CHARS} chars", True)):
-        idx = [i for i, e in enumerate(early) if e == want]
-        score = f1([probs[i] >= 0.5 for i in idx], [gold[i] for i in idx])
-        base = f1(
-            [any(t.startswith("p:xstest") for t in docs[i]) for i in idx], [gold[i] for i in idx]
-        )
-        for label, (f, p, r) in ((name, score), (f"{name}, XSTest phrase match alone", base)):
-            lines.append(f"| {label} | {len(idx)} | {f:.3f} | {p:.3f} | {r:.3f} |")
+    lines = ["| replies | view | n | F1 | precision | recall |", "|---|---|---|---|---|---|"]
+    # All replies, then the embedded model's own (what salon's recovery and eval read most):
+    # PyRIT's labels count off-topic answers as refusals, which no reading of a reply's words
+    # can learn, and they dominate the first row.
+    for replies_name, prefix in (("all", ""), ("salon's embedded Qwen", "model_responses")):
+        for name, want in (("whole reply", False), (f"first {EARLY_CHARS} chars", True)):
+            idx = [i for i, e in enumerate(early) if e == want and groups[i].startswith(prefix)]
+            score = f1([probs[i] >= 0.5 for i in idx], [gold[i] for i in idx])
+            base = f1(
+                [any(t.startswith("p:xstest") for t in docs[i]) for i in idx],
+                [gold[i] for i in idx],
+            )
+            for label, (f, p, r) in ((name, score), (f"{name}, XSTest phrase match alone", base)):
+                lines.append(
+                    f"| {replies_name} | {label} | {len(idx)} | {f:.3f} | {p:.3f} | {r:.3f} |"
+                )
     return "\n".join(lines)
 
 
@@ -739,7 +748,7 @@ def report(
         "harmful):",
         calibration(rows, probs),
         category_lines(categories),
-        f"## Refusal detector ({FOLDS}-fold CV grouped by reply)",
+        REFUSAL_HEADING,
         refusal_report(replies),
     ]
     if with_compare:
@@ -789,14 +798,40 @@ def _oof_key(rows: Sequence[PromptRow]) -> str:
     return hashlib.sha256(json.dumps([settings, data]).encode()).hexdigest()
 
 
+def refusal_only(
+    replies: Sequence[Reply],
+    check: bool,
+    artefact: Path = REFUSAL_ARTEFACT,
+    report_path: Path = DATA / "training_report.md",
+) -> int:
+    """Retrain the refusal detector alone: its data and its CV share nothing with the harm
+    classifier, whose fine-tuning takes minutes. The report's refusal section is replaced."""
+    text = f"{REFUSAL_HEADING}\n\n{refusal_report(replies)}\n"
+    sys.stdout.write(text)
+    if not check:
+        meta = {"seed": SEED, "trainer": "salon.safety.train --refusal"}
+        save_models(artefact, train_refusal(replies), meta | {"rows": len(replies), "C": REFUSAL_C})
+        path = report_path
+        before, _, after = path.read_text(encoding="utf-8").partition(REFUSAL_HEADING)
+        rest = after.split("\n## ", 1)
+        tail = f"\n## {rest[1]}" if len(rest) == 2 else ""
+        path.write_text(before + text + tail, encoding="utf-8")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m salon.safety.train", description=__doc__)
     parser.add_argument("--check", action="store_true", help="report only; keep the artefacts")
     parser.add_argument("--compare", action="store_true", help="also compare feature sets")
     parser.add_argument("--oof", type=Path, help="keep the out-of-fold scores here (train_probe)")
+    parser.add_argument(
+        "--refusal", action="store_true", help="the refusal detector only (seconds, not minutes)"
+    )
     args = parser.parse_args(argv)
-    rows = training_prompts()
     replies = read_replies()
+    if args.refusal:
+        return refusal_only(replies, args.check)
+    rows = training_prompts()
     embedder = MiniLM.load()
     x = embed_prompts(rows, embedder)
     data = tuned_data(rows, embedder)
