@@ -3,15 +3,17 @@
 Why ONNX Runtime and not numpy (what salon used before) or torch: the harm gate embeds every
 user turn once, one prompt at a time, and has a 20 ms p95 budget. numpy spent it on OpenBLAS
 matmuls sized for large batches and on one pass over memory per elementwise step; ONNX
-Runtime's kernels, with the weights pre-packed once and the GELU and layer norms fused, run
-the same float32 arithmetic about twice as fast for such a prompt, and agree with it to ~1e-6
+Runtime's kernels, with the weights pre-packed once and bias and GELU fused, run the same
+float32 arithmetic 1.15-1.5 times as fast for such a prompt, and agree with it to ~3e-6
 (docs/benchmarks.md, "BERT encoder: numpy against ONNX Runtime"). torch stays out: pip
 resolves it to a multi-GB CUDA build for most users.
 
 The graph is built here from the weights already in memory, for any stack of layers (the
 model's own, or its first layers then fine-tuned ones: the harm classifier's tuned head). So
-no exported model file has to ship or be kept in step with the weights. The large weights
-reach ONNX Runtime as external initializers: by reference, not copied into the model.
+no exported model file has to ship or be kept in step with the weights. The weights reach
+ONNX Runtime as external initializers, not serialised into the model; the session still keeps
+a copy of its own (40-50 MB for MiniLM's six layers, pre-packed). The word-embedding table
+(47 MB) stays out of it: looking rows up is numpy's work, before the graph.
 """
 
 from __future__ import annotations
@@ -125,6 +127,7 @@ class Encoder:
     def __init__(self, weights: BertWeights, layers: Sequence[BertLayer] | None = None) -> None:
         import onnxruntime as ort
 
+        self._weights = weights
         graph = _Graph(weights.heads, weights.eps, int(weights.word.shape[1]))
         model = graph.build(weights, weights.layers if layers is None else layers)
         options = ort.SessionOptions()
@@ -134,7 +137,8 @@ class Encoder:
         # with it the process would keep that for good. One prompt runs as fast either way.
         options.enable_cpu_mem_arena = False
         options.enable_mem_pattern = False
-        # Kept alive with the session: ONNX Runtime reads these arrays in place.
+        # Kept alive with the session, as ONNX Runtime requires of external initializers: it
+        # may read them in place (the matmul weights it copies, pre-packed).
         self._values = [ort.OrtValue.ortvalue_from_numpy(a) for a in graph.external.values()]
         options.add_external_initializers(list(graph.external), self._values)
         self._session = ort.InferenceSession(
@@ -143,7 +147,10 @@ class Encoder:
 
     def __call__(self, ids: I64, mask: F32) -> F32:
         """`ids` (b, n) int64 and `mask` (b, n) float32, 1 for a token and 0 for padding."""
-        out: F32 = self._session.run(["states"], {"ids": ids, "mask": mask})[0]
+        w = self._weights
+        embedded = w.word[ids] + w.position[: ids.shape[1]] + w.token_type0
+        feed = {"embedded": embedded.astype(np.float32, copy=False), "mask": mask}
+        out: F32 = self._session.run(["states"], feed)[0]
         return out
 
 
@@ -177,7 +184,7 @@ class _Graph:
             self.nodes,
             "bert",
             [
-                h.make_tensor_value_info("ids", self._tensor.INT64, ["b", "n"]),
+                h.make_tensor_value_info("embedded", self._tensor.FLOAT, ["b", "n", self.hidden]),
                 h.make_tensor_value_info("mask", self._tensor.FLOAT, ["b", "n"]),
             ],
             [h.make_tensor_value_info("states", self._tensor.FLOAT, ["b", "n", self.hidden])],
@@ -186,18 +193,8 @@ class _Graph:
         return h.make_model(graph, opset_imports=[h.make_opsetid("", OPSET)])
 
     def _embeddings(self, weights: BertWeights) -> str:
-        n = self._op(
-            "Gather",
-            [self._op("Shape", ["ids"]), self._constant("axis1", np.array([1], dtype=np.int64))],
-        )
-        zero = self._constant("zero", np.array([0], dtype=np.int64))
-        positions = self._op("Slice", [self._weight("position", weights.position), zero, n])
-        words = self._op("Gather", [self._weight("word", weights.word), "ids"])
-        summed = self._op(
-            "Add",
-            [self._op("Add", [words, positions]), self._weight("token_type0", weights.token_type0)],
-        )
-        return self._norm(summed, "embeddings", weights.ln_g, weights.ln_b)
+        """The input is the sum of a token's word, position and token-type rows (`Encoder`)."""
+        return self._norm("embedded", "embeddings", weights.ln_g, weights.ln_b)
 
     def _layer(self, name: str, x: str, layer: BertLayer, mask_add: str) -> str:
         hd = self.hidden // self.heads

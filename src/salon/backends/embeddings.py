@@ -105,7 +105,7 @@ class MiniLM:
     (`backends.bert`). Thread-safe to call.
 
     `load` checks the folder and reads its config; the weights (~90 MB, ~120 MB of RSS with
-    the tokenizer, and ~35 MB more for each layer stack's pre-packed copy) are read on the
+    the tokenizer, and 40-50 MB more for each layer stack's copy in ONNX Runtime) are read on the
     first `embed` (or `load_weights`), once, under a lock, so a server that has not searched
     memory yet does not carry them. That costs the first search ~0.2-0.3 s."""
 
