@@ -32,6 +32,10 @@ I64 = npt.NDArray[np.int64]
 
 # The ONNX opset the graph is written for: 20 has Gelu and LayerNormalization as plain ops.
 OPSET = 20
+# The model's IR version, stamped rather than left to the installed onnx package (1.23 stamps
+# 14): 9 is the oldest that carries opset 20, so any onnxruntime from 1.17 reads the graph
+# whichever onnx built it.
+IR_VERSION = 9
 
 
 @dataclass(frozen=True, slots=True)
@@ -190,7 +194,7 @@ class _Graph:
             [h.make_tensor_value_info("states", self._tensor.FLOAT, ["b", "n", self.hidden])],
             initializer=[*self.inline, *map(self._declared, self.external)],
         )
-        return h.make_model(graph, opset_imports=[h.make_opsetid("", OPSET)])
+        return h.make_model(graph, opset_imports=[h.make_opsetid("", OPSET)], ir_version=IR_VERSION)
 
     def _embeddings(self, weights: BertWeights) -> str:
         """The input is the sum of a token's word, position and token-type rows (`Encoder`)."""
