@@ -127,9 +127,9 @@ def test_the_model_through_its_own_layers_is_the_plain_embedding() -> None:
     assert np.allclose(through, model.embed(texts), atol=1e-6)
 
 
-def test_the_numpy_tuned_head_matches_torch() -> None:
+def test_the_served_tuned_head_matches_torch() -> None:
     """The shipped fine-tuned layers, run by torch (transformers' BertLayer) on the torch
-    model's layer-4 states, give the probabilities salon's numpy forward pass gives."""
+    model's layer-4 states, give the probabilities salon's forward pass gives (ONNX Runtime)."""
     torch = pytest.importorskip("torch")
     st_module = pytest.importorskip("sentence_transformers")
     from salon.backends.embeddings import packaged_model_folder

@@ -4,10 +4,10 @@
     python -m salon.safety.train --check    # CV report only, artefacts untouched
     python -m salon.safety.train --compare  # also compare feature sets / regularisation
 
-Needs scikit-learn (training only; serving is stdlib + numpy) and, for the embedding head of the
-harm classifier, the packaged all-MiniLM-L6-v2. Deterministic: fixed fold seeds, deterministic
-solvers, rounded weights and a gzip header without a timestamp, so re-running on the same data
-rewrites byte-identical artefacts.
+Needs scikit-learn (training only; serving is numpy and ONNX Runtime) and, for the embedding
+head of the harm classifier, the packaged all-MiniLM-L6-v2. Deterministic: fixed fold seeds,
+deterministic solvers, rounded weights and a gzip header without a timestamp, so re-running on
+the same data rewrites byte-identical artefacts.
 """
 
 from __future__ import annotations
@@ -344,7 +344,7 @@ class TunedData:
     mask: Any  # torch (n, seq)
     unsafe: F32
     rows: Sequence[PromptRow]
-    embedder: MiniLM  # the same model in numpy, as served
+    embedder: MiniLM  # the same model as served (ONNX Runtime)
 
 
 def tuned_data(rows: Sequence[PromptRow], embedder: MiniLM) -> TunedData:
