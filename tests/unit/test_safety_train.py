@@ -111,3 +111,28 @@ def test_the_refusal_detector_alone_is_what_the_shipped_one_is(tmp_path: Path) -
     for reply in replies:
         assert ours.score(reply).probability == pytest.approx(shipped.score(reply).probability)
     assert ours.score(replies[0]).is_refusal() and not ours.score(replies[1]).is_refusal()
+
+
+def test_the_fine_tuned_head_is_the_average_of_its_seeds(monkeypatch: pytest.MonkeyPatch) -> None:
+    """One fine-tuning's seed moves the gate's operating point (docs/benchmarks.md, session
+    15), so the shipped head averages the weights of one fine-tuning per seed."""
+    pytest.importorskip("sentence_transformers")
+    from salon.backends.embeddings import MiniLM
+    from salon.safety import train
+
+    everything = training_prompts()
+    rows = [r for r in everything if r.unsafe][:8] + [r for r in everything if not r.unsafe][:8]
+    data = train.tuned_data(rows, MiniLM.load())
+    idx = list(range(0, len(rows), 2))
+    fitted = {}
+    for seeds in ((1,), (2,), (1, 2)):
+        monkeypatch.setattr(train, "TUNED_SEEDS", seeds)
+        fitted[seeds] = train.fit_tuned(data, idx)[1]
+    one, two, both = fitted[(1,)], fitted[(2,)], fitted[(1, 2)]
+    assert set(both) == set(one)
+    assert not np.allclose(one["head.weight"], two["head.weight"])
+    np.testing.assert_allclose(both["head.weight"], (one["head.weight"] + two["head.weight"]) / 2)
+    np.testing.assert_allclose(both["head.bias"], (one["head.bias"] + two["head.bias"]) / 2)
+    layer = "encoder.layer.5.output.dense.weight"
+    mean = (one[layer].astype(np.float32) + two[layer].astype(np.float32)) / 2
+    np.testing.assert_allclose(both[layer].astype(np.float32), mean, atol=1e-3)

@@ -331,6 +331,13 @@ def fit_dense(
 # 24.9 % either way — for twice the training time and a 20 MB artefact.
 TUNED_START = 3
 TUNED_EPOCHS = 4
+# The fine-tuned weights are the average of fine-tunings that differ only in their seed (the
+# head's initialisation and the order of the batches). Session 15 found the seed alone moving
+# the cross-validated gate (with the probe, at the policy's refuse_at) from 25 to 39 harmful
+# development prompts let through, at the same 9 safe ones refused: one fine-tuning's score
+# near the threshold is a draw. The averaged weights serve at one fine-tuning's cost and land
+# near the seeds' mean, so a retraining no longer moves the gate by chance.
+TUNED_SEEDS: tuple[int, ...] = (SEED, 11, 22)
 TUNED_SPARSE_WEIGHT = 1 / 3
 
 
@@ -373,13 +380,46 @@ def tuned_data(rows: Sequence[PromptRow], embedder: MiniLM) -> TunedData:
 def fit_tuned(
     data: TunedData, train_idx: Sequence[int]
 ) -> tuple[TunedHead, dict[str, np.ndarray[Any, Any]]]:
-    """Fine-tunes the upper layers and a logistic head on `train_idx`, then fits the
-    category regression on the tuned vectors of those rows. Returns the head as shipped
-    (its layers read back from float16, so CV measures what serving runs) and the arrays
-    that ship it."""
+    """Fine-tunes the upper layers and a logistic head on `train_idx` once per seed of
+    TUNED_SEEDS and averages the weights (a "soup": one model, so serving costs what one
+    fine-tuning does), then fits the category regression on the tuned vectors of those rows.
+    Returns the head as shipped (its layers read back from float16, so CV measures what
+    serving runs) and the arrays that ship it."""
+    runs = [_fine_tuned(data, train_idx, seed) for seed in TUNED_SEEDS]
+    weights = {
+        _layer_name(key): np.mean([run[0][key] for run in runs], axis=0).astype(np.float16)
+        for key in runs[0][0]
+    }
+    shipped = TunedHead(
+        start=TUNED_START,
+        layers=(),
+        weights=np.mean([run[1] for run in runs], axis=0).astype(np.float32),
+        bias=float(np.mean([run[2] for run in runs])),
+        embedder=data.embedder.name,
+        sparse_weight=TUNED_SPARSE_WEIGHT,
+    )
+    tuned = TunedHead.from_arrays(shipped.arrays(weights))
+    chosen = [data.rows[i] for i in train_idx]
+    vectors = tuned.vectors([r.prompt for r in chosen], data.embedder)
+    tuned = replace(tuned, category=categories_of(chosen, vectors))
+    arrays = tuned.arrays(weights)
+    return tuned, arrays
+
+
+def _layer_name(key: str) -> str:
+    """A tuned stack's state-dict key ("0.attention...") as the full model names it."""
+    index, rest = key.split(".", 1)
+    return f"encoder.layer.{TUNED_START + int(index)}.{rest}"
+
+
+def _fine_tuned(
+    data: TunedData, train_idx: Sequence[int], seed: int
+) -> tuple[dict[str, np.ndarray[Any, Any]], np.ndarray[Any, Any], float]:
+    """One fine-tuning: the upper layers' weights (keys "i.name", i counted from
+    TUNED_START), the head's weights and its bias."""
     import torch
 
-    torch.manual_seed(SEED)
+    torch.manual_seed(seed)
     layers = torch.nn.ModuleList(
         [copy.deepcopy(layer) for layer in data.model.encoder.layer[TUNED_START:]]
     )
@@ -392,7 +432,7 @@ def fit_tuned(
     y = torch.tensor(data.unsafe)
     share = float(y[list(train_idx)].mean())
     loss_f = torch.nn.BCEWithLogitsLoss(pos_weight=torch.tensor((1 - share) / share))
-    order = torch.Generator().manual_seed(SEED)
+    order = torch.Generator().manual_seed(seed)
     index = torch.tensor(list(train_idx))
     for _ in range(TUNED_EPOCHS):
         shuffled: Any = index[torch.randperm(len(index), generator=order)]
@@ -402,25 +442,8 @@ def fit_tuned(
             optimiser.zero_grad()
             loss.backward()
             optimiser.step()
-    weights = {
-        f"encoder.layer.{TUNED_START + i}.{name}": value.detach().numpy().astype(np.float16)
-        for i, layer in enumerate(layers)
-        for name, value in layer.state_dict().items()
-    }
-    shipped = TunedHead(
-        start=TUNED_START,
-        layers=(),
-        weights=head.weight.detach().numpy()[0].astype(np.float32),
-        bias=float(head.bias.detach()[0]),
-        embedder=data.embedder.name,
-        sparse_weight=TUNED_SPARSE_WEIGHT,
-    )
-    tuned = TunedHead.from_arrays(shipped.arrays(weights))
-    chosen = [data.rows[i] for i in train_idx]
-    vectors = tuned.vectors([r.prompt for r in chosen], data.embedder)
-    tuned = replace(tuned, category=categories_of(chosen, vectors))
-    arrays = tuned.arrays(weights)
-    return tuned, arrays
+    state = {name: value.detach().numpy().copy() for name, value in layers.state_dict().items()}
+    return state, head.weight.detach().numpy()[0].copy(), float(head.bias.detach()[0])
 
 
 def _tuned_forward(layers: Any, head: Any, states: Any, mask: Any) -> Any:
@@ -458,8 +481,8 @@ def fold_tuned(
     cache: Path | None,
 ) -> TunedHead:
     """One fold's fine-tuned head; with `cache` (a folder), kept there under a key of the
-    rows and the trainer's settings. Each fine-tuning costs ~4 min on two cores, and the
-    out-of-fold scores (train_probe) and `salon eval refusal --gate cv` need the same five."""
+    rows and the trainer's settings. Each fold costs ~4.5 min on two cores (three seeds), and
+    the out-of-fold scores (train_probe) and `salon eval refusal --gate cv` need the same five."""
     path = None if cache is None else cache / f"tuned_fold{fold}.npz"
     key = _oof_key(rows)
     if path is not None and path.exists():
@@ -732,7 +755,8 @@ def report(
         "The shipped classifier"
         + (
             f" (TF-IDF head a third, {embedder} with layers {TUNED_START}+ fine-tuned two thirds,"
-            " averaged in log-odds)"
+            f" averaged in log-odds; the fine-tuned weights are the average of {len(TUNED_SEEDS)}"
+            f" fine-tunings, seeds {', '.join(map(str, TUNED_SEEDS))})"
             if tuned is not None
             else ""
         ),
@@ -771,7 +795,7 @@ def compare_dense(rows: Sequence[PromptRow], x: F32, embedder: str) -> str:
 def gate_oof(rows: Sequence[PromptRow], cache: Path | None = None) -> list[float]:
     """The shipped classifier's out-of-fold scores (TF-IDF and fine-tuned heads, each fold's
     trained without it). With `cache`, kept there under a key of the rows and the trainer's
-    settings: the five fine-tunings cost ~13 min, and train_probe needs the same scores."""
+    settings: the five folds' fine-tunings cost ~23 min, and train_probe needs the same scores."""
     key = _oof_key(rows)
     if cache is not None and cache.exists():
         with np.load(cache) as saved:
@@ -793,6 +817,8 @@ def save_oof(cache: Path, rows: Sequence[PromptRow], scores: Sequence[float]) ->
 
 def _oof_key(rows: Sequence[PromptRow]) -> str:
     settings = [SEED, FOLDS, HARM_C, repr(HARM_CONFIG), TUNED_START, TUNED_EPOCHS]
+    if TUNED_SEEDS != (SEED,):  # the key a single fine-tuning's caches were kept under
+        settings.append(list(TUNED_SEEDS))
     settings.append(TUNED_SPARSE_WEIGHT)
     data = [[r.uid, r.prompt, r.label, r.harm_category] for r in rows]
     return hashlib.sha256(json.dumps([settings, data]).encode()).hexdigest()

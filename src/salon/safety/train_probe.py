@@ -6,8 +6,8 @@ Reads every training prompt (the embedded classifier's: dev.csv, written.csv, ev
 through the chat model's first LAYERS layers once (~30 min for 3,347 prompts through 16 of
 Qwen2.5-Coder-1.5B's 28 layers on two cores; `--vectors` keeps them, and a later run reads only
 new prompts), cross-validates the probe on the embedded classifier's folds beside that
-classifier's own out-of-fold scores (its five fine-tunings: ~13 min more, unless `--oof` names
-the file `python -m salon.safety.train --oof` kept for the same prompts), and writes
+classifier's own out-of-fold scores (its five folds' fine-tunings: ~23 min more, unless
+`--oof` names the file `python -m salon.safety.train --oof` kept for the same prompts), and writes
 `harm_probe.npz` and `probe_report.md`. Needs the dev extra (scikit-learn, torch).
 """
 
@@ -77,11 +77,14 @@ CATEGORY_C = 0.01
 # 0.3 to 0.7; session 9, after 16 layers, 0.6 to 0.9 with the average's refusal point from 0.5
 # to 0.8: 0.6 and 0.7 were within one prompt of each other, 0.8 and more let more through).
 WEIGHT = 0.6
-# Where the average should refuse: from 0.7 it refused, cross-validated, 9 of the development
-# split's 175 safe prompts and let through 25 of its 401 harmful ones, and refused 2 of 661
-# everyday requests (0.6: 10, 20 and 7 everyday; 0.8: 7, 42 and 2). The shift maps it onto the
-# policy's refuse_at, so one policy serves the gate with and without the probe.
-REFUSE_FROM = 0.7
+# Where the average should refuse. Cross-validated on the development split (175 safe, 401
+# harmful prompts) and the 661 everyday requests, safe refused / harmful let through / everyday
+# refused: session 9, 0.7 gave 9 / 25 / 2 (0.6: 10 / 20 / 7; 0.8: 7 / 42 / 2) with one
+# fine-tuning's seed, a favourable draw (session 15: 25 to 39 by seed alone). Session 15, the
+# fine-tuned head averaged over three seeds: 0.7 gives 7 / 31 / 1, 0.68 8 / 27 / 2, 0.66
+# 9 / 26 / 2. The shift maps it onto the policy's refuse_at, so one policy serves the gate
+# with and without the probe.
+REFUSE_FROM = 0.68
 BATCH = 16
 REPORT = DATA / "probe_report.md"
 
