@@ -336,7 +336,8 @@ TUNED_EPOCHS = 4
 # the cross-validated gate (with the probe, at the policy's refuse_at) from 25 to 39 harmful
 # development prompts let through, at the same 9 safe ones refused: one fine-tuning's score
 # near the threshold is a draw. The averaged weights serve at one fine-tuning's cost and land
-# near the seeds' mean, so a retraining no longer moves the gate by chance.
+# near the seeds' mean, so a retraining moves the gate less by chance (how much less is not
+# measured yet: that takes several sets of seeds).
 TUNED_SEEDS: tuple[int, ...] = (SEED, 11, 22)
 TUNED_SPARSE_WEIGHT = 1 / 3
 
@@ -817,9 +818,7 @@ def save_oof(cache: Path, rows: Sequence[PromptRow], scores: Sequence[float]) ->
 
 def _oof_key(rows: Sequence[PromptRow]) -> str:
     settings = [SEED, FOLDS, HARM_C, repr(HARM_CONFIG), TUNED_START, TUNED_EPOCHS]
-    if TUNED_SEEDS != (SEED,):  # the key a single fine-tuning's caches were kept under
-        settings.append(list(TUNED_SEEDS))
-    settings.append(TUNED_SPARSE_WEIGHT)
+    settings += [list(TUNED_SEEDS), TUNED_SPARSE_WEIGHT]
     data = [[r.uid, r.prompt, r.label, r.harm_category] for r in rows]
     return hashlib.sha256(json.dumps([settings, data]).encode()).hexdigest()
 
