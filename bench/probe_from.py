@@ -37,12 +37,6 @@ from salon.settings import Settings
 CANDIDATES = (0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5)
 
 
-def served(gate: Sequence[float], probe: Sequence[float], start: float) -> list[float]:
-    """The gate's score with the probe asked from `start` up (tp.combined at another bound)."""
-    both = tp.averaged(gate, probe, tp.WEIGHT)
-    return [b if g >= start else g for g, b in zip(gate, both, strict=True)]
-
-
 def row(
     rows: Sequence[PromptRow], gate: Sequence[float], scores: Sequence[float], start: float
 ) -> str:
@@ -84,7 +78,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "| dev harmful through | everyday refused |\n|---|---|---|---|---|---|"
     )
     for start in CANDIDATES:
-        print(row(rows, gate, served(gate, probe, start), start), flush=True)
+        print(row(rows, gate, tp.combined(gate, probe, tp.WEIGHT, start), start), flush=True)
     return 0
 
 
