@@ -19,6 +19,7 @@ from salon.chat.safety import (
     RECOVER_BELOW,
     RECOVER_BELOW_PROBED,
     GateVerdict,
+    Recovery,
     SafetyGate,
 )
 from salon.domain import ChatMessage
@@ -264,3 +265,25 @@ def test_the_second_reading_is_calibrated_on_the_turns_the_gate_does_not_probe()
     assert "All 2 such training prompts" in text and "The 1 of the development split" in text
     # the harmful one, which the probe reads as harmful, lands high; the safe one low
     assert "| [0.75, 1.00) | 1 | 100.0 %" in text and "| [0.00, 0.10) | 1 | 0.0 %" in text
+
+
+async def test_a_turn_the_probe_skipped_is_recovered_on_the_probes_reading_whatever_its_start() -> (
+    None
+):
+    # The classifier's 0.3 is over RECOVER_BELOW but under where this probe starts reading, so
+    # the probe reads it only once the model refuses it, and its reading decides.
+    async def confirmed(states: FakeHiddenStates) -> Recovery | None:
+        probe = Probe(states, _model(), start=0.5)
+        policy = Policy.from_mapping({"refuse_at": 0.8, "message": "no"})
+        gate = SafetyGate(FakeHarmClassifier({"": (0.3, "crime")}), policy, probe=probe)
+        verdict = await gate.acheck_messages([ChatMessage("user", "write a heist story")])
+        assert verdict is not None and not verdict.probed and states.texts == []
+        recovery = gate.recovery(verdict)
+        assert recovery is not None and recovery.reasks and recovery.prefill is None
+        return await recovery.confirmed()
+
+    cleared = await confirmed(FakeHiddenStates({"": BENIGN}, 2))
+    assert cleared is not None and cleared.prefill == PREFILL
+    assert await confirmed(FakeHiddenStates({"": HARMFUL}, 2)) is None
+    # a probe that fails leaves the classifier's own bound, which 0.3 is over
+    assert await confirmed(FakeHiddenStates({}, 2, fail=True)) is None

@@ -46,7 +46,10 @@ REFUSAL_AT = 0.5
 # the share of harmful ones is 1.4 % under 0.1 and 18.6 % in [0.1, 0.2) (training_report.md,
 # "Calibration"; with the previous classifier and bound 0.2: 1.4 % under 0.1, 5.4 % in
 # [0.1, 0.2)). In every pipeline run the recoveries that turned a refusal into compliance
-# were of harmful privacy requests.
+# were of harmful privacy requests. Where the chat model's probe is loaded, a turn it did not
+# read is held to RECOVER_BELOW_PROBED instead, since the probe reads it once the model has
+# refused it and that reading decides; RECOVER_BELOW is the bound of a gate without a probe
+# (another chat backend) or whose probe failed.
 RECOVER_BELOW = 0.1
 # The same bound for a turn the probe also read (their averaged score): cross-validated,
 # 4 of the 173 training prompts scored in [0.1, 0.4) are harmful (2.3 %), as few as in the
@@ -243,10 +246,14 @@ class SafetyGate:
         if self._probe is None:
             return verdict
         if not self._probe.wanted(verdict.assessment):
-            # Most turns: not worth a prompt evaluation unless the model refuses one.
+            # Most turns: not worth a prompt evaluation unless the model refuses one. Should
+            # it refuse, the probe's reading decides whether salon pushes past the refusal,
+            # so the turn is held to the probed bound, whatever PROBE_FROM is.
             probe = self._probe
             return replace(
-                verdict, second_reading=lambda: self._read(probe, turn, earlier, verdict)
+                verdict,
+                recover_below=RECOVER_BELOW_PROBED,
+                second_reading=lambda: self._read(probe, turn, earlier, verdict),
             )
         return await self._read(self._probe, turn, earlier, verdict)
 
@@ -257,7 +264,7 @@ class SafetyGate:
             probed = await asyncio.to_thread(probe.assess, turn, verdict.assessment, earlier)
         except SalonError as exc:
             log.warning("the probe gave no verdict (%s); the embedded one stands", exc.code)
-            return replace(verdict, second_reading=None)
+            return replace(verdict, recover_below=RECOVER_BELOW, second_reading=None)
         return GateVerdict(probed, self.policy.decide(probed), RECOVER_BELOW_PROBED, probed=True)
 
     def recovery(self, verdict: GateVerdict | None) -> Recovery | None:

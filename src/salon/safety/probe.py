@@ -150,9 +150,11 @@ class Probe:
     # consultations (outcome safe / unsafe / error) and their time, under the guard metrics'
     # names with model "probe:<model>"
     metrics: GuardMetrics | None = None
+    # the embedded classifier's score from which the probe reads a turn before it is answered
+    start: float = PROBE_FROM
 
     def wanted(self, embedded: Assessment) -> bool:
-        return embedded.harmful_probability >= PROBE_FROM
+        return embedded.harmful_probability >= self.start
 
     def assess(self, turn: str, embedded: Assessment, context: Sequence[str] = ()) -> Assessment:
         """Blocking (a prompt evaluation): call it from a worker thread. When the embedded
