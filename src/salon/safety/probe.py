@@ -34,8 +34,10 @@ F32 = npt.NDArray[np.float32]
 PROBE_ARTEFACT = DATA / "harm_probe.npz"
 # The gate asks the probe about every turn the embedded classifier scores from PROBE_FROM up,
 # those it would refuse included (the probe clears some of them): cross-validated, asking it
-# from 0.01 or from 0.1 changes nothing measurable, and from 0.1 it reads a fifth of everyday
-# requests instead of nine tenths (probe_report.md).
+# from 0.01 or from 0.1 changes nothing measurable, and from 0.1 it reads a third of everyday
+# requests instead of nine tenths (probe_report.md; bench/probe_from.py for other bounds).
+# Only latency and what is refused up front depend on it: a turn it skips is read once the
+# model refuses it, and recovery follows that reading (chat/safety.py).
 PROBE_FROM = 0.1
 
 
