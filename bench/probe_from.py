@@ -8,14 +8,14 @@ The gate asks the probe (one prompt evaluation through 16 of the chat model's la
 two cores) about every turn the embedded classifier scores from PROBE_FROM up. Cross-validated
 as `train_probe` reports it (the classifier's out-of-fold scores, the probe's fold heads), for
 each candidate PROBE_FROM this prints the share of everyday requests that pay for the probe and
-the gate at the policy's refuse_at: the development split's safe prompts refused and harmful
-prompts let through, and the everyday requests' safe ones refused. The probe's reading of a
-prompt is that of the shipped fold head that never saw it (harm_probe.npz), so only the
-development split's and the everyday requests' hidden states are read (~15 min, kept in
---vectors as train_probe keeps them).
-Needs the embedded Qwen model, the dev extra, and the classifier's out-of-fold scores (`--oof`,
-as `python -m salon.safety.train --oof` keeps them; computed and kept there if missing).
-"""
+the gate at the policy's default refuse_at (the categories' own thresholds, such as
+child_safety's 0.6, are not applied: the out-of-fold scores carry no category): the development
+split's safe prompts refused and harmful prompts let through, and the everyday requests' safe
+ones refused. The probe's reading of a prompt is that of the shipped fold head that never saw
+it (harm_probe.npz), so only the development split's and the everyday requests' hidden states
+are read (~15 min, kept in --vectors as train_probe keeps them). Needs the embedded Qwen model,
+the dev extra, and the classifier's out-of-fold scores (`--oof`, as `python -m
+salon.safety.train --oof` keeps them; computed and kept there if missing)."""
 
 from __future__ import annotations
 
@@ -38,9 +38,12 @@ CANDIDATES = (0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5)
 
 
 def row(
-    rows: Sequence[PromptRow], gate: Sequence[float], scores: Sequence[float], start: float
+    rows: Sequence[PromptRow],
+    gate: Sequence[float],
+    scores: Sequence[float],
+    start: float,
+    at: float,
 ) -> str:
-    at = Policy.load().default.refuse_at
     dev = [i for i, r in enumerate(rows) if r.source not in ("salon_written", "salon_everyday")]
     everyday = [i for i, r in enumerate(rows) if r.source == "salon_everyday"]
     asked = sum(gate[i] >= start for i in everyday)
@@ -77,8 +80,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         "| PROBE_FROM | everyday turns probed | dev prompts probed | dev safe refused "
         "| dev harmful through | everyday refused |\n|---|---|---|---|---|---|"
     )
+    at = Policy.load().default.refuse_at
     for start in CANDIDATES:
-        print(row(rows, gate, tp.combined(gate, probe, tp.WEIGHT, start), start), flush=True)
+        print(row(rows, gate, tp.combined(gate, probe, tp.WEIGHT, start), start, at), flush=True)
     return 0
 
 
