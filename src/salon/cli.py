@@ -21,6 +21,7 @@ from salon.store.db import create_engine, migrate
 
 if TYPE_CHECKING:
     from salon.safety.harm import HarmClassifier
+    from salon.safety.policy import Policy
     from salon.safety.probe import Probe
 
 
@@ -96,9 +97,7 @@ def _parser() -> argparse.ArgumentParser:
         "classifier (default for other CSVs), 'off' = no gate, recovery or caution (the model "
         "alone; with --pipeline)",
     )
-    refusal.add_argument(
-        "--policy", type=Path, help="with --pipeline: a policy JSON (default: the configured one)"
-    )
+    refusal.add_argument("--policy", type=Path, help="a policy JSON (default: the configured one)")
     refusal.add_argument(
         "--caution",
         choices=["on", "off"],
@@ -255,7 +254,9 @@ def _eval_refusal(settings: Settings, args: argparse.Namespace) -> int:
         classifier = _cross_validated(settings) if gate == "cv" else None
         probe = _eval_probe(settings, gate)
         try:
-            report = run_refusal_eval(args.split, classifier=classifier, probe=probe).to_markdown()
+            report = run_refusal_eval(
+                args.split, classifier=classifier, policy=_policy(settings, args), probe=probe
+            ).to_markdown()
         finally:
             if probe is not None:
                 probe.states.close()
@@ -263,6 +264,13 @@ def _eval_refusal(settings: Settings, args: argparse.Namespace) -> int:
     if args.out:
         args.out.write_text(report, encoding="utf-8")
     return 0
+
+
+def _policy(settings: Settings, args: argparse.Namespace) -> Policy:
+    """The policy evaluated: `--policy`, else the deployment's, else the shipped one."""
+    from salon.safety.policy import DEFAULT_POLICY, Policy
+
+    return Policy.load(args.policy or settings.safety_policy_file or DEFAULT_POLICY)
 
 
 def _gate_mode(args: argparse.Namespace) -> str:
@@ -313,7 +321,6 @@ async def _refusal_pipeline(settings: Settings, args: argparse.Namespace) -> str
     from salon.chat.safety import SafetyGate
     from salon.evals import refusal_pipeline as suite
     from salon.safety.datasets import read_prompts, resolve_split
-    from salon.safety.policy import DEFAULT_POLICY, Policy
     from salon.safety.refusal import default_detector
 
     model = args.model or settings.default_model
@@ -325,7 +332,7 @@ async def _refusal_pipeline(settings: Settings, args: argparse.Namespace) -> str
     mode = _gate_mode(args)
     classifier = _cross_validated(settings) if mode == "cv" else None
     probe = _eval_probe(settings, mode)
-    policy = Policy.load(args.policy or settings.safety_policy_file or DEFAULT_POLICY)
+    policy = _policy(settings, args)
     if args.caution == "off":
         policy = policy.without_caution()
     gate_label = {
