@@ -1,88 +1,139 @@
 """What the gate's probe buys at each PROBE_FROM, against what it costs on everyday turns
-(issue 4, docs/benchmarks.md, "Session 16").
+(issue 4, docs/benchmarks.md, "Session 16" and "Session 18").
 
-    .venv/bin/python bench/probe_from.py --oof .cache/gate_oof.npz \
-        --vectors .cache/probe_vectors16.npz
+    .venv/bin/python bench/probe_from.py --vectors .cache/probe_vectors16.npz
 
 The gate asks the probe (one prompt evaluation through 16 of the chat model's layers, ~0.3 s on
-two cores) about every turn the embedded classifier scores from PROBE_FROM up. Cross-validated
-as `train_probe` reports it (the classifier's out-of-fold scores, the probe's fold heads), for
-each candidate PROBE_FROM this prints the share of everyday requests that pay for the probe and
-the gate at the policy's default refuse_at (the categories' own thresholds, such as
-child_safety's 0.6, are not applied: the out-of-fold scores carry no category): the development
-split's safe prompts refused and harmful prompts let through, and the everyday requests' safe
-ones refused. The probe's reading of a prompt is that of the shipped fold head that never saw
-it (harm_probe.npz), so only the development split's and the everyday requests' hidden states
-are read (~15 min, kept in --vectors as train_probe keeps them). Needs the embedded Qwen model,
-the dev extra, and the classifier's out-of-fold scores (`--oof`, as `python -m
-salon.safety.train --oof` keeps them; computed and kept there if missing)."""
+two cores) about every turn the embedded classifier scores from PROBE_FROM up. For each
+candidate PROBE_FROM this runs salon's own gate (`chat.safety.SafetyGate`: the shipped policy
+with its categories' thresholds, the probe's category rule, recovery's bounds) over the
+development split and the everyday requests, cross-validated as `salon eval refusal --gate cv`
+is: each prompt judged by the fold classifier and the fold probe head that never saw it. Only
+the hidden states are not read live: they come from `--vectors` (the development split's and
+the everyday requests', ~15 min the first time, kept there as train_probe keeps them).
+
+It prints the share of everyday requests that pay for the probe; the development split's safe
+prompts refused and harmful prompts let through; the everyday requests refused; and, for
+recovery, the prompts on which salon would push past a refusal by the model (re-ask it), read
+the way the gate reads them: a turn the probe skipped gets the probe's second reading first.
+Needs the embedded Qwen model, the dev extra, and the fold classifiers' fine-tunings (kept in
+the data folder's safety-folds, ~40 min the first time, as `--gate cv` keeps them)."""
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 
 from salon.backends.layer_slice import first_layers
 from salon.backends.model_files import builtin_catalog
+from salon.chat.safety import GateVerdict, SafetyGate
+from salon.domain import ChatMessage
 from salon.safety import train
 from salon.safety import train_probe as tp
 from salon.safety.datasets import PromptRow, training_prompts
+from salon.safety.harm import Assessment, HarmClassifier, default_classifier
 from salon.safety.policy import Policy
-from salon.safety.probe import ProbeModel
+from salon.safety.probe import Probe, ProbeModel, cross_validated
 from salon.settings import Settings
 
 CANDIDATES = (0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5)
+HEADER = (
+    "| PROBE_FROM | everyday turns probed | dev prompts probed | dev safe refused "
+    "| dev harmful through | everyday refused | dev safe recoverable | dev harmful recoverable "
+    "|\n|---|---|---|---|---|---|---|---|"
+)
 
 
-def row(
-    rows: Sequence[PromptRow],
-    gate: Sequence[float],
-    scores: Sequence[float],
-    start: float,
-    at: float,
-) -> str:
-    dev = [i for i, r in enumerate(rows) if r.source not in ("salon_written", "salon_everyday")]
-    everyday = [i for i, r in enumerate(rows) if r.source == "salon_everyday"]
-    asked = sum(gate[i] >= start for i in everyday)
-    asked_dev = sum(gate[i] >= start for i in dev)
-    safe = sum(1 for i in dev if not rows[i].unsafe and scores[i] >= at)
-    through = sum(1 for i in dev if rows[i].unsafe and scores[i] < at)
-    refused = sum(1 for i in everyday if not rows[i].unsafe and scores[i] >= at)
-    return (
-        f"| {start:g} | {asked}/{len(everyday)} ({asked / len(everyday):.0%}) "
-        f"| {asked_dev}/{len(dev)} | {safe} | {through} | {refused} |"
-    )
+@dataclass(frozen=True, slots=True)
+class CachedStates:
+    """The probe's hidden states, read from the cache instead of the model (HiddenStates)."""
+
+    known: dict[str, np.ndarray]
+
+    def vectors(self, texts: Sequence[str]) -> np.ndarray:
+        return np.stack([self.known[t] for t in texts])
+
+    def close(self) -> None:
+        return None
+
+
+@dataclass(slots=True)
+class Remembered:
+    """A classifier whose verdicts are kept: every candidate reads the same turns."""
+
+    inner: HarmClassifier
+    seen: dict[str, Assessment] = field(default_factory=dict)
+    name: str = "embedded-cv"
+
+    def assess(self, turn: str, context: Sequence[str] = ()) -> Assessment:
+        if turn not in self.seen:
+            self.seen[turn] = self.inner.assess(turn, context)
+        return self.seen[turn]
+
+
+async def _recoverable(gate: SafetyGate, verdict: GateVerdict) -> bool:
+    """Whether salon would re-ask this turn if the model refused it."""
+    if verdict.blocked or not verdict.recoverable:
+        return False
+    if verdict.second_reading is None:
+        return True
+    return (await verdict.second_reading()).recoverable
+
+
+async def row(gate: SafetyGate, rows: Sequence[PromptRow], start: float) -> str:
+    everyday = [r for r in rows if r.source == "salon_everyday"]
+    dev = [r for r in rows if r.source != "salon_everyday"]
+    verdicts = {}
+    for r in rows:
+        verdict = await gate.acheck_messages([ChatMessage("user", r.prompt)])
+        assert verdict is not None  # a conversation ending with a user turn
+        verdicts[r.uid] = verdict
+    back = {r.uid: await _recoverable(gate, verdicts[r.uid]) for r in dev}
+    asked = sum(verdicts[r.uid].probed for r in everyday)
+    cells = [
+        f"{start:g}",
+        f"{asked}/{len(everyday)} ({asked / len(everyday):.0%})",
+        f"{sum(verdicts[r.uid].probed for r in dev)}/{len(dev)}",
+        str(sum(verdicts[r.uid].blocked for r in dev if not r.unsafe)),
+        str(sum(not verdicts[r.uid].blocked for r in dev if r.unsafe)),
+        str(sum(verdicts[r.uid].blocked for r in everyday if not r.unsafe)),
+        str(sum(back[r.uid] for r in dev if not r.unsafe)),
+        str(sum(back[r.uid] for r in dev if r.unsafe)),
+    ]
+    return "| " + " | ".join(cells) + " |"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--vectors", type=Path, default=Path(".cache/probe_vectors16.npz"))
-    parser.add_argument("--oof", type=Path, default=Path(".cache/gate_oof.npz"))
     args = parser.parse_args(argv)
-    rows = training_prompts()
-    catalog = builtin_catalog()
-    path = first_layers(catalog.prepare(tp.MODEL, Settings().model_cache_dir, print), tp.LAYERS)
-    gate = train.gate_oof(rows, args.oof)
-    folds = ProbeModel.load().folds
-    read = [i for i, r in enumerate(rows) if r.source != "salon_written"]
-    states = tp.embed([rows[i] for i in read], path, args.vectors, tp.POOLINGS)
-    x = dict(zip(read, states, strict=True))
-    probe = [0.0] * len(rows)
-    for k, (_, test) in enumerate(train.folds(rows)):
-        mine = [i for i in test if i in x]
-        vectors = np.stack([x[i] for i in mine])
-        for i, p in zip(mine, tp._probabilities(folds[k][0], vectors), strict=True):
-            probe[i] = p
-    print(
-        "| PROBE_FROM | everyday turns probed | dev prompts probed | dev safe refused "
-        "| dev harmful through | everyday refused |\n|---|---|---|---|---|---|"
+    settings = Settings()
+    everything = training_prompts()
+    path = first_layers(
+        builtin_catalog().prepare(tp.MODEL, settings.model_cache_dir, print), tp.LAYERS
     )
-    at = Policy.load().default.refuse_at
+    rows = [r for r in everything if r.source != "salon_written"]
+    model = ProbeModel.load()
+    states = tp.embed(rows, path, args.vectors, model.poolings)
+    known = dict(zip((model.prompt(r.prompt) for r in rows), states, strict=True))
+    fold_of = [
+        (everything[i].prompt, k)
+        for k, (_, test) in enumerate(train.folds(everything))
+        for i in test
+    ]
+    probe = cross_validated(Probe(CachedStates(known), model), fold_of)
+    cache = settings.data_dir / train.FOLD_CACHE
+    classifier = Remembered(train.cross_validated_classifier(default_classifier(), cache=cache))
+    policy = Policy.load()
+    print(HEADER)
     for start in CANDIDATES:
-        print(row(rows, gate, tp.combined(gate, probe, tp.WEIGHT, start), start, at), flush=True)
+        gate = SafetyGate(classifier, policy, probe=replace(probe, start=start))
+        print(asyncio.run(row(gate, rows, start)), flush=True)
     return 0
 
 
