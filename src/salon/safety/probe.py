@@ -33,12 +33,15 @@ from salon.safety.harm import CATEGORY_FROM, CONTEXT_TURNS, Assessment, mixed
 F32 = npt.NDArray[np.float32]
 PROBE_ARTEFACT = DATA / "harm_probe.npz"
 # The gate asks the probe about every turn the embedded classifier scores from PROBE_FROM up,
-# those it would refuse included (the probe clears some of them): cross-validated, asking it
-# from 0.01 or from 0.1 changes nothing measurable, and from 0.1 it reads a third of everyday
-# requests instead of nine tenths (probe_report.md; bench/probe_from.py for other bounds).
-# Only latency and what is refused up front depend on it: a turn it skips is read once the
-# model refuses it, and recovery follows that reading (chat/safety.py).
-PROBE_FROM = 0.1
+# those it would refuse included (the probe clears some of them). Only latency and what is
+# refused up front depend on it: a turn it skips is read once the model refuses it, and
+# recovery follows that reading (chat/safety.py). Session 18 (bench/probe_from.py: salon's gate
+# with the policy's category thresholds, cross-validated): from 0.15 rather than 0.1 it reads
+# 23 % of everyday requests instead of 34 %, with the same development-split decisions (8 safe
+# refused, 25 harmful through), one everyday request fewer refused (9 of 661), the same
+# held-out decisions, and the same answers on the 29 development prompts scored in [0.1, 0.15)
+# through the whole pipeline. From 0.2: 26 through; from 0.3: 29.
+PROBE_FROM = 0.15
 
 
 @dataclass(frozen=True, slots=True)
