@@ -180,8 +180,11 @@ class Probe:
         self._observe("unsafe" if p >= CATEGORY_FROM else "safe", start)
         if p < CATEGORY_FROM:
             return Assessment(p, None, 0.0, embedded.used_context, self.name)
-        # the embedded classifier's category where it gave one with conviction (its category
-        # accuracy is measured; the probe's is not yet), else the probe's own
+        # the embedded classifier's category where it gave one with conviction, else the
+        # probe's own. Session 18, cross-validated on the development split's and everyday
+        # harmful prompts: the probe's head names the right category for 59 % (262 of 443),
+        # the classifier's for 56 % of those it gives one (232 of 411; the probe's, 59 %):
+        # no reason to prefer either, so the order stays.
         if embedded.category is not None and embedded.harmful_probability >= CATEGORY_FROM:
             return Assessment(
                 p,
