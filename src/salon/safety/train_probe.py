@@ -186,13 +186,11 @@ def _logit(p: float) -> float:
     return math.log(p / (1.0 - p))
 
 
-def combined(
-    gate: Sequence[float], probe: Sequence[float], weight: float, start: float = PROBE_FROM
-) -> list[float]:
+def combined(gate: Sequence[float], probe: Sequence[float], weight: float) -> list[float]:
     """What the gate serves: the probe's reading averaged in, and shifted onto the policy's
-    scale, from `start` (the gate's PROBE_FROM) up."""
+    scale, from the gate's PROBE_FROM up."""
     both = averaged(gate, probe, weight)
-    return [b if g >= start else g for g, b in zip(gate, both, strict=True)]
+    return [b if g >= PROBE_FROM else g for g, b in zip(gate, both, strict=True)]
 
 
 def averaged(gate: Sequence[float], probe: Sequence[float], weight: float) -> list[float]:
