@@ -287,3 +287,30 @@ async def test_a_turn_the_probe_skipped_is_recovered_on_the_probes_reading_whate
     assert await confirmed(FakeHiddenStates({"": HARMFUL}, 2)) is None
     # a probe that fails leaves the classifier's own bound, which 0.3 is over
     assert await confirmed(FakeHiddenStates({}, 2, fail=True)) is None
+
+
+class _Topical:
+    """A classifier whose topic head named child safety for every turn (scripted)."""
+
+    def assess(self, turn: str, context: Sequence[str] = ()) -> Assessment:
+        return Assessment(0.3, None, 0.0, topic="child_safety", topic_probability=0.95)
+
+
+async def test_a_turn_the_probe_lifts_over_the_line_keeps_the_classifiers_topic() -> None:
+    """The probe's category head would say self-harm; the topic head's category decides, and
+    with it the category's own threshold and message."""
+    policy = Policy.from_mapping(
+        {
+            "refuse_at": 0.9,
+            "message": "no",
+            "categories": {"child_safety": {"refuse_at": 0.6, "message": "report it"}},
+        }
+    )
+    gate = SafetyGate(
+        _Topical(), policy, probe=Probe(FakeHiddenStates({"a": [1.0, 3.0]}, 2), _model())
+    )
+    verdict = await gate.acheck_messages([ChatMessage("user", "a story")])
+    assert verdict is not None
+    assert verdict.assessment.category == "child_safety"
+    assert 0.6 <= verdict.assessment.harmful_probability < 0.9
+    assert verdict.blocked and verdict.decision.message == "report it"

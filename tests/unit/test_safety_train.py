@@ -136,3 +136,42 @@ def test_the_fine_tuned_head_is_the_average_of_its_seeds(monkeypatch: pytest.Mon
     layer = "encoder.layer.5.output.dense.weight"
     mean = (one[layer].astype(np.float32) + two[layer].astype(np.float32)) / 2
     np.testing.assert_allclose(both[layer].astype(np.float32), mean, atol=1e-3)
+
+
+def test_the_topic_heads_pairs_stay_out_of_the_other_sets() -> None:
+    """minors.csv trains the topic head alone: not the harm classifier, and none of its
+    prompts is one of the held-out set's, which measures the head."""
+    from salon.safety.train import TOPIC_FILE, topic_data
+
+    own = read_prompts(TOPIC_FILE)
+    assert len(own) == 300 and sum(r.unsafe for r in own) == 150
+    norm = {" ".join(r.prompt.lower().split()) for r in own}
+    others = [*training_prompts(), *read_prompts(resolve_split("heldout"))]
+    assert not [r.uid for r in others if " ".join(r.prompt.lower().split()) in norm]
+    texts, labels, _ = topic_data(training_prompts())
+    on_topic = {t for t, on in zip(texts, labels, strict=True) if on}
+    assert on_topic == {r.prompt for r in own if r.unsafe}
+    # training prompts that may be about the topic (child safety, sexual content) teach neither side
+    assert not [
+        r.uid for r in training_prompts() if r.category == "child_safety" and r.prompt in texts
+    ]
+
+
+def test_the_topic_head_retrained_is_the_shipped_one(tmp_path: Path) -> None:
+    from salon.safety.harm import TOPIC_ARTEFACT, TUNED_ARTEFACT, TopicHead
+    from salon.safety.train import TOPIC_HEADING, topic_only
+
+    report = tmp_path / "report.md"
+    report.write_text(f"## Harm\n\nkept\n\n{TOPIC_HEADING}\n\nstale numbers\n")
+    artefact = tmp_path / "topic.json"
+    assert topic_only(False, artefact, report) == 0
+    text = report.read_text()
+    assert text.startswith("## Harm\n\nkept\n") and "stale numbers" not in text
+    assert "| minors.csv, harmful | 150 |" in text
+    ours, shipped = (
+        TopicHead.load(artefact, TUNED_ARTEFACT),
+        TopicHead.load(TOPIC_ARTEFACT, TUNED_ARTEFACT),
+    )
+    assert ours is not None and shipped is not None
+    assert np.allclose(ours.weights, shipped.weights, atol=1e-3)
+    assert ours.bias == pytest.approx(shipped.bias, abs=1e-3)

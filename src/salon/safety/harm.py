@@ -16,6 +16,7 @@ Guard models served by a backend can implement the same protocol.
 from __future__ import annotations
 
 import gc
+import hashlib
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -37,6 +38,8 @@ DENSE_ARTEFACT = DATA / "harm_dense.json"
 NEIGHBOURS_ARTEFACT = DATA / "harm_neighbours.npy"
 # the embedding model's upper layers fine-tuned for harm, with their head (float16)
 TUNED_ARTEFACT = DATA / "harm_tuned.npz"
+# a binary head on the tuned vectors for the one category whose subject the category heads miss
+TOPIC_ARTEFACT = DATA / "harm_topic.json"
 CONTEXT_TURNS = 2  # earlier user turns a short follow-up is read with
 _FOLLOW_UP_WORDS = 12
 # No policy may refuse below 0.5 (see policy.MIN_REFUSE_AT), so below it the category is not
@@ -53,6 +56,11 @@ class Assessment:
     category_probability: float = 0.0
     used_context: bool = False
     classifier: str = "embedded"
+    # the category a dedicated head (`TopicHead`) recognises as the turn's subject, whatever
+    # its harmful probability; it names the category, over the category heads' choice, once
+    # the turn is scored harmful enough to need one (probe.py too)
+    topic: str | None = None
+    topic_probability: float = 0.0
 
 
 class HarmClassifier(Protocol):
@@ -273,6 +281,64 @@ class TunedHead:
 
 
 @dataclass(frozen=True, slots=True)
+class TopicHead:
+    """Whether a turn is about one category's subject, read from the tuned vector (no second
+    embedding): sexual or romantic content with a minor. The 13-class heads name such turns
+    by their surface, and fiction that sexualises a child reads like fiction: of the held-out
+    set's 38 child-safety prompts, those the gate scored harmful but let through were called
+    hate, violence or sexual content, whose threshold (0.88) is not child safety's (0.6).
+    It never raises a score: it only says which category's rule applies. Trained by
+    `python -m salon.safety.train --topic` on `minors.csv` (150 contrast pairs) against the
+    training prompts of other categories; it belongs to the tuned head whose vectors it read
+    (`tuned_sha256`)."""
+
+    category: str
+    weights: F32
+    bias: float
+    at: float  # the probability from which the turn is taken to be about `category`
+    tuned_sha256: str = ""
+
+    def probability(self, vector: F32) -> float:
+        z = float(np.clip(vector @ self.weights + self.bias, -60.0, 60.0))
+        return 1.0 / (1.0 + float(np.exp(-z)))
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "category": self.category,
+            "at": self.at,
+            "tuned_sha256": self.tuned_sha256,
+            "bias": float(f"{self.bias:.6g}"),
+            "weights": [float(f"{w:.6g}") for w in self.weights],
+        }
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> TopicHead:
+        return cls(
+            category=str(data["category"]),
+            weights=np.asarray(data["weights"], dtype=np.float32),
+            bias=float(data["bias"]),
+            at=float(data["at"]),
+            tuned_sha256=str(data.get("tuned_sha256", "")),
+        )
+
+    @classmethod
+    def load(cls, path: Path, tuned_path: Path) -> TopicHead | None:
+        """The head, when it was trained on the vectors of the tuned head at `tuned_path`."""
+        if not path.exists():
+            return None
+        head = cls.from_json(json.loads(path.read_text(encoding="utf-8")))
+        return head if head.tuned_sha256 == file_sha256(tuned_path) else None
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+@dataclass(frozen=True, slots=True)
 class EmbeddedHarmClassifier:
     harm: LinearTextModel
     category: LinearTextModel
@@ -280,6 +346,7 @@ class EmbeddedHarmClassifier:
     embedder: Embedder | None = None
     name: str = "embedded"
     tuned: TunedHead | None = None
+    topic: TopicHead | None = None
 
     @classmethod
     def load(
@@ -288,6 +355,7 @@ class EmbeddedHarmClassifier:
         dense_path: Path = DENSE_ARTEFACT,
         embedder: Embedder | None = None,
         tuned_path: Path | None = TUNED_ARTEFACT,
+        topic_path: Path = TOPIC_ARTEFACT,
     ) -> EmbeddedHarmClassifier:
         """The TF-IDF heads, plus the embedding heads when their embedder is given and is
         the one they were trained with (the tuned head: a MiniLM)."""
@@ -303,12 +371,16 @@ class EmbeddedHarmClassifier:
         if isinstance(embedder, MiniLM) and tuned_path is not None and tuned_path.exists():
             tuned_head = TunedHead.load(tuned_path)
             tuned = tuned_head if tuned_head.embedder == embedder.name else None
+        topic = None
+        if tuned is not None and tuned_path is not None:
+            topic = TopicHead.load(topic_path, tuned_path)
         return cls(
             harm=models["harm"],
             category=models["category"],
             dense=dense,
             embedder=embedder if dense is not None or tuned is not None else None,
             tuned=tuned,
+            topic=topic,
         )
 
     def probabilities(self, texts: Sequence[str]) -> list[float]:
@@ -345,11 +417,17 @@ class EmbeddedHarmClassifier:
         if with_context and probs[1] > probs[0]:
             chosen, used = 1, True
         p = probs[chosen]
+        vector = None if vectors is None else vectors[chosen]
+        topic, p_topic = None, 0.0
+        if self.topic is not None and self.tuned is not None and vector is not None:
+            p_topic = self.topic.probability(vector)
+            topic = self.topic.category if p_topic >= self.topic.at else None
         if p < CATEGORY_FROM:
-            return Assessment(p, None, 0.0, used, self.name)
-        text = joined if used else turn
-        category, p_cat = self._category(text, None if vectors is None else vectors[chosen])
-        return Assessment(p, category, p_cat, used, self.name)
+            return Assessment(p, None, 0.0, used, self.name, topic, p_topic)
+        if topic is not None:
+            return Assessment(p, topic, p_topic, used, self.name, topic, p_topic)
+        category, p_cat = self._category(joined if used else turn, vector)
+        return Assessment(p, category, p_cat, used, self.name, topic, p_topic)
 
     def _category(self, text: str, vector: F32 | None) -> tuple[str, float]:
         """The most likely category: the TF-IDF head's distribution, averaged with the

@@ -178,26 +178,21 @@ class Probe:
         harm, category = self.by_prompt.get(turn.strip(), (self.model.harm, self.model.category))
         p = self.model.combined(embedded.harmful_probability, harm.probability(vector))
         self._observe("unsafe" if p >= CATEGORY_FROM else "safe", start)
+        used, topic, p_topic = embedded.used_context, embedded.topic, embedded.topic_probability
         if p < CATEGORY_FROM:
-            return Assessment(p, None, 0.0, embedded.used_context, self.name)
+            return Assessment(p, None, 0.0, used, self.name, topic, p_topic)
+        if topic is not None:  # the classifier's topic head named the subject
+            return Assessment(p, topic, p_topic, used, self.name, topic, p_topic)
         # the embedded classifier's category where it gave one with conviction, else the
         # probe's own. Session 18, cross-validated on the development split's and everyday
         # harmful prompts: the probe's head names the right category for 59 % (262 of 443),
         # the classifier's for 56 % of those it gives one (232 of 411; the probe's, 59 %):
         # no reason to prefer either, so the order stays.
         if embedded.category is not None and embedded.harmful_probability >= CATEGORY_FROM:
-            return Assessment(
-                p,
-                embedded.category,
-                embedded.category_probability,
-                embedded.used_context,
-                self.name,
-            )
+            return Assessment(p, embedded.category, embedded.category_probability, used, self.name)
         dist = category.distribution(vector)
         best = int(np.argmax(dist))
-        return Assessment(
-            p, self.model.categories[best], float(dist[best]), embedded.used_context, self.name
-        )
+        return Assessment(p, self.model.categories[best], float(dist[best]), used, self.name)
 
     def _observe(self, outcome: str, start: float) -> None:
         if self.metrics is not None:

@@ -34,19 +34,22 @@ from sklearn.model_selection import StratifiedGroupKFold
 
 from salon.backends.embeddings import Embedder, MiniLM, packaged_model_folder
 from salon.safety._linear import FeatureConfig, LinearTextModel, raw_counts, save_models, tfidf
-from salon.safety.datasets import DATA, PromptRow, training_prompts
+from salon.safety.datasets import DATA, PromptRow, read_prompts, training_prompts
 from salon.safety.harm import (
     DENSE_ARTEFACT,
     DENSE_MAX_WORDS,
     HARM_ARTEFACT,
     NEIGHBOURS_ARTEFACT,
+    TOPIC_ARTEFACT,
     TUNED_ARTEFACT,
     Assessment,
     CategoryHead,
     DenseHead,
     EmbeddedHarmClassifier,
+    TopicHead,
     TunedHead,
     clipped,
+    file_sha256,
     mixed,
 )
 from salon.safety.policy import CATEGORY_MESSAGE_FROM, Policy
@@ -571,17 +574,120 @@ def cross_validated_classifier(
                 max_words=clip,
                 categories=[rows[i].harm_category for i in tr],
             )
+        tuned = fold_tuned(rows, data, k, tr, cache) if data is not None else None
+        topic = None
+        if tuned is not None and full.topic is not None and isinstance(emb, MiniLM):
+            unseen = {rows[i].prompt for i in te}
+            topic = fit_topic(tuned, emb, [r for r in rows if r.prompt not in unseen])
         fold = EmbeddedHarmClassifier(
             harm=heads["harm"],
             category=heads["category"],
             dense=dense,
             embedder=emb if dense is not None or data is not None else None,
             name="embedded-cv",
-            tuned=fold_tuned(rows, data, k, tr, cache) if data is not None else None,
+            tuned=tuned,
+            topic=topic,
         )
         for i in te:
             by_prompt[rows[i].prompt.strip()] = fold
     return CrossValidatedClassifier(by_prompt, full)
+
+
+# --- the topic head ----------------------------------------------------------------------------
+
+# sexual or romantic content with a minor, in 150 contrast pairs written for the topic head
+# alone (fiction, poems, roleplay, "is it okay if they love each other"; against adult romance,
+# wholesome adult-child stories, safeguarding questions, children's own lives, literary and
+# legal analysis). Not in the harm classifier's training set: training it on such pairs moved
+# the gate's operating point by less than a fine-tuning's seed does (session 17).
+TOPIC_FILE = DATA / "minors.csv"
+TOPIC_CATEGORY = "child_safety"
+# training prompts of these categories may be on the topic, so they teach neither side
+TOPIC_UNCERTAIN = frozenset({"child_safety", "sexual", "sexual_minors"})
+TOPIC_C = 10.0
+# Chosen for precision on the topic's own contrast twins: cross-validated over minors.csv's
+# pairs, ~12 % of the benign twins (adult romance, teen-only romance) reach 0.9 against
+# ~75 % of the harmful rows; a miss costs no more than today's category call.
+TOPIC_AT = 0.9
+TOPIC_HEADING = "## Topic head: sexual or romantic content with a minor"
+
+
+def topic_data(rows: Sequence[PromptRow]) -> tuple[list[str], list[bool], list[str]]:
+    """The topic head's texts, labels (on the topic) and CV groups: minors.csv's pairs, and
+    the training prompts of other categories as texts off the topic."""
+    own = read_prompts(TOPIC_FILE)
+    uncertain = TOPIC_UNCERTAIN
+    others = [r for r in rows if r.category not in uncertain and r.harm_category not in uncertain]
+    texts = [r.prompt for r in [*own, *others]]
+    labels = [r.unsafe for r in own] + [False] * len(others)
+    return texts, labels, [r.group for r in [*own, *others]]
+
+
+def fit_topic(
+    tuned: TunedHead, embedder: MiniLM, rows: Sequence[PromptRow], tuned_sha256: str = ""
+) -> TopicHead:
+    texts, labels, _ = topic_data(rows)
+    return _topic_head(tuned.vectors(texts, embedder), labels, tuned_sha256)
+
+
+def _topic_head(x: F32, labels: Sequence[bool], tuned_sha256: str = "") -> TopicHead:
+    model = LogisticRegression(C=TOPIC_C, max_iter=5000, class_weight="balanced")
+    model.fit(x, labels)
+    weights = np.round(model.coef_[0], 6).astype(np.float32)
+    bias = float(f"{model.intercept_[0]:.6g}")
+    return TopicHead(TOPIC_CATEGORY, weights, bias, TOPIC_AT, tuned_sha256)
+
+
+def topic_report(tuned: TunedHead, embedder: MiniLM, rows: Sequence[PromptRow]) -> str:
+    """Cross-validated over the topic's data (grouped by contrast pair): how often the head
+    names the topic for its harmful rows, their benign twins, and the other training prompts."""
+    texts, labels, groups = topic_data(rows)
+    x = tuned.vectors(texts, embedder)
+    y = np.array(labels)
+    p = np.zeros(len(texts))
+    cv = StratifiedGroupKFold(n_splits=FOLDS, shuffle=True, random_state=SEED)
+    for tr, te in cv.split(x, y, groups):
+        head = _topic_head(x[tr], list(y[tr]))
+        p[te] = [head.probability(v) for v in x[te]]
+    own = len(read_prompts(TOPIC_FILE))
+    twins = np.zeros(len(texts), dtype=bool)
+    twins[:own] = ~y[:own]
+    lines = ["| rows | count | named at 0.5 | named at the head's 0.9 |", "|---|---|---|---|"]
+    for name, mask in (
+        ("minors.csv, harmful", y),
+        ("minors.csv, benign twins", twins),
+        ("other training prompts", np.arange(len(texts)) >= own),
+    ):
+        hits = [int((p[mask] >= at).sum()) for at in (0.5, TOPIC_AT)]
+        lines.append(f"| {name} | {int(mask.sum())} | {hits[0]} | {hits[1]} |")
+    return f"{TOPIC_HEADING}\n\n{FOLDS}-fold CV grouped by contrast pair.\n\n" + "\n".join(lines)
+
+
+def topic_only(
+    check: bool, artefact: Path = TOPIC_ARTEFACT, report_path: Path = DATA / "training_report.md"
+) -> int:
+    """Fit the topic head on the shipped tuned head's vectors (seconds) and replace its
+    section of the report."""
+    embedder = MiniLM.load()
+    tuned = TunedHead.load()
+    rows = training_prompts()
+    text = topic_report(tuned, embedder, rows) + "\n"
+    sys.stdout.write(text)
+    if not check:
+        head = fit_topic(tuned, embedder, rows, file_sha256(TUNED_ARTEFACT))
+        artefact.write_text(json.dumps(head.to_json()) + "\n", encoding="utf-8")
+        _replace_section(report_path, TOPIC_HEADING, text)
+    return 0
+
+
+def _replace_section(path: Path, heading: str, text: str) -> None:
+    """`text` (starting with `heading`) in place of that section of the report, or appended."""
+    report = path.read_text(encoding="utf-8")
+    before, found, after = report.partition(heading)
+    rest = after.split("\n## ", 1) if found else []
+    tail = f"\n## {rest[1]}" if len(rest) == 2 else ""
+    head = before if found else report.rstrip("\n") + "\n\n"
+    path.write_text(head + text + tail, encoding="utf-8")
 
 
 # --- refusal ----------------------------------------------------------------------------------
@@ -836,11 +942,7 @@ def refusal_only(
     if not check:
         meta = {"seed": SEED, "trainer": "salon.safety.train --refusal"}
         save_models(artefact, train_refusal(replies), meta | {"rows": len(replies), "C": REFUSAL_C})
-        path = report_path
-        before, _, after = path.read_text(encoding="utf-8").partition(REFUSAL_HEADING)
-        rest = after.split("\n## ", 1)
-        tail = f"\n## {rest[1]}" if len(rest) == 2 else ""
-        path.write_text(before + text + tail, encoding="utf-8")
+        _replace_section(report_path, REFUSAL_HEADING, text)
     return 0
 
 
@@ -852,10 +954,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--refusal", action="store_true", help="the refusal detector only (seconds, not minutes)"
     )
+    parser.add_argument(
+        "--topic", action="store_true", help="the topic head only, on the shipped tuned head"
+    )
     args = parser.parse_args(argv)
     replies = read_replies()
     if args.refusal:
         return refusal_only(replies, args.check)
+    if args.topic:
+        return topic_only(args.check)
     rows = training_prompts()
     embedder = MiniLM.load()
     x = embed_prompts(rows, embedder)
@@ -882,6 +989,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             REFUSAL_ARTEFACT, train_refusal(replies), meta | {"rows": len(replies), "C": REFUSAL_C}
         )
         (DATA / "training_report.md").write_text(text, encoding="utf-8")
+        topic_only(check=False)  # it reads the vectors of the tuned head just written
     return 0
 
 

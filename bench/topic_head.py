@@ -1,0 +1,123 @@
+"""What the topic head changes in the gate (issue 4, docs/benchmarks.md, "Session 19").
+
+    .venv/bin/python bench/topic_head.py --vectors .cache/probe_vectors16.npz
+
+The topic head (`safety.harm.TopicHead`) names child safety as a turn's category when it reads
+the turn as sexual or romantic content with a minor; the policy then applies child safety's
+threshold (0.6) instead of the one of the category the 13-class heads would have named. This
+runs salon's own gate (`chat.safety.SafetyGate`: the classifier, the probe, the shipped policy)
+with and without the head over the development split and the everyday requests,
+cross-validated as `salon eval refusal --gate cv` is (each prompt judged by the fold classifier,
+its fold's topic head and the fold probe head that never saw it), and over the held-out set with
+the shipped models, which never saw it. The probe's hidden states come from `--vectors` (read
+once, ~15 min, then kept). Prints the counts and every prompt whose decision changed. Needs the
+embedded Qwen model, the dev extra and the fold classifiers' fine-tunings (the data folder's
+safety-folds, ~40 min the first time)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+from collections.abc import Sequence
+from dataclasses import replace
+from pathlib import Path
+
+from probe_from import CachedStates, Remembered
+from salon.backends.layer_slice import first_layers
+from salon.backends.model_files import builtin_catalog
+from salon.chat.safety import SafetyGate
+from salon.domain import ChatMessage
+from salon.safety import train
+from salon.safety import train_probe as tp
+from salon.safety.datasets import PromptRow, read_prompts, resolve_split, training_prompts
+from salon.safety.harm import EmbeddedHarmClassifier, default_classifier
+from salon.safety.policy import Policy
+from salon.safety.probe import Probe, ProbeModel, cross_validated
+from salon.settings import Settings
+
+HEADER = (
+    "| gate | dev safe refused | dev harmful through | of them SimpleSafetyTests "
+    "| everyday refused | held-out safe refused | held-out harmful through "
+    "| of them child safety |\n|---|---|---|---|---|---|---|---|"
+)
+
+
+async def blocked(gate: SafetyGate, rows: Sequence[PromptRow]) -> dict[str, bool]:
+    out = {}
+    for r in rows:
+        verdict = await gate.acheck_messages([ChatMessage("user", r.prompt)])
+        assert verdict is not None  # a conversation ending with a user turn
+        out[r.uid] = verdict.blocked
+    return out
+
+
+def line(name: str, rows: Sequence[PromptRow], refused: dict[str, bool]) -> str:
+    def count(keep: bool, *, harmful: bool, source: str) -> int:
+        chosen = [r for r in rows if r.unsafe == harmful and _where(r) == source]
+        return sum(refused[r.uid] == keep for r in chosen)
+
+    sst = [r for r in rows if r.source == "simplesafetytests"]
+    held_cs = [r for r in rows if _where(r) == "heldout" and r.category == "child_safety"]
+    cells = [
+        name,
+        str(count(True, harmful=False, source="dev")),
+        str(count(False, harmful=True, source="dev")),
+        str(sum(not refused[r.uid] for r in sst if r.unsafe)),
+        str(count(True, harmful=False, source="everyday")),
+        str(count(True, harmful=False, source="heldout")),
+        str(count(False, harmful=True, source="heldout")),
+        f"{sum(not refused[r.uid] for r in held_cs)}/{len(held_cs)}",
+    ]
+    return "| " + " | ".join(cells) + " |"
+
+
+def _where(row: PromptRow) -> str:
+    if row.source == "salon_everyday":
+        return "everyday"
+    return "heldout" if row.source == "salon_heldout" else "dev"
+
+
+def gate(full: EmbeddedHarmClassifier, probe: Probe, cache: Path, policy: Policy) -> SafetyGate:
+    classifier = Remembered(train.cross_validated_classifier(full, cache=cache))
+    return SafetyGate(classifier, policy, probe=probe)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--vectors", type=Path, default=Path(".cache/probe_vectors16.npz"))
+    args = parser.parse_args(argv)
+    settings = Settings()
+    everything = training_prompts()
+    rows = [r for r in everything if r.source != "salon_written"]
+    rows += read_prompts(resolve_split("heldout"))
+    path = first_layers(
+        builtin_catalog().prepare(tp.MODEL, settings.model_cache_dir, print), tp.LAYERS
+    )
+    model = ProbeModel.load()
+    states = tp.embed(rows, path, args.vectors, model.poolings)
+    known = dict(zip((model.prompt(r.prompt) for r in rows), states, strict=True))
+    fold_of = [
+        (everything[i].prompt, k)
+        for k, (_, test) in enumerate(train.folds(everything))
+        for i in test
+    ]
+    probe = cross_validated(Probe(CachedStates(known), model), fold_of)
+    cache = settings.data_dir / train.FOLD_CACHE
+    policy = Policy.load()
+    shipped = default_classifier()
+    assert shipped.topic is not None, "no topic head: python -m salon.safety.train --topic"
+    without = asyncio.run(blocked(gate(replace(shipped, topic=None), probe, cache, policy), rows))
+    with_topic = asyncio.run(blocked(gate(shipped, probe, cache, policy), rows))
+    print(HEADER)
+    print(line("without the topic head", rows, without))
+    print(line("**with the topic head**", rows, with_topic))
+    for r in rows:
+        if without[r.uid] != with_topic[r.uid]:
+            change = "now refused" if with_topic[r.uid] else "now let through"
+            label = "harmful" if r.unsafe else "safe"
+            print(f"- {_where(r)}, {label}, {change}: {r.prompt[:110]}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
