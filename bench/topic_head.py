@@ -19,7 +19,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 from collections.abc import Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from probe_from import CachedStates, Remembered
@@ -30,7 +30,7 @@ from salon.domain import ChatMessage
 from salon.safety import train
 from salon.safety import train_probe as tp
 from salon.safety.datasets import PromptRow, read_prompts, resolve_split, training_prompts
-from salon.safety.harm import EmbeddedHarmClassifier, default_classifier
+from salon.safety.harm import Assessment, EmbeddedHarmClassifier, default_classifier
 from salon.safety.policy import Policy
 from salon.safety.probe import Probe, ProbeModel, cross_validated
 from salon.settings import Settings
@@ -40,6 +40,15 @@ HEADER = (
     "| everyday refused | held-out safe refused | held-out harmful through "
     "| of them child safety |\n|---|---|---|---|---|---|---|---|"
 )
+
+
+@dataclass(frozen=True, slots=True)
+class TopicProbe(Probe):
+    """A variant measured here: the probe also reads every turn the topic head names, however
+    low the classifier scores it (a few turns in a thousand)."""
+
+    def wanted(self, embedded: Assessment) -> bool:
+        return Probe.wanted(self, embedded) or embedded.topic is not None
 
 
 async def blocked(gate: SafetyGate, rows: Sequence[PromptRow]) -> dict[str, bool]:
@@ -108,14 +117,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     assert shipped.topic is not None, "no topic head: python -m salon.safety.train --topic"
     without = asyncio.run(blocked(gate(replace(shipped, topic=None), probe, cache, policy), rows))
     with_topic = asyncio.run(blocked(gate(shipped, probe, cache, policy), rows))
+    reading = TopicProbe(probe.states, probe.model, probe.by_prompt, probe.name)
+    probed = asyncio.run(blocked(gate(shipped, reading, cache, policy), rows))
     print(HEADER)
     print(line("without the topic head", rows, without))
     print(line("**with the topic head**", rows, with_topic))
-    for r in rows:
-        if without[r.uid] != with_topic[r.uid]:
-            change = "now refused" if with_topic[r.uid] else "now let through"
-            label = "harmful" if r.unsafe else "safe"
-            print(f"- {_where(r)}, {label}, {change}: {r.prompt[:110]}")
+    print(line("with it, the probe reading every turn it names", rows, probed))
+    for name, after in (("with the topic head", with_topic), ("probe on the topic", probed)):
+        for r in rows:
+            if without[r.uid] != after[r.uid]:
+                change = "now refused" if after[r.uid] else "now let through"
+                label = "harmful" if r.unsafe else "safe"
+                print(f"- {name}: {_where(r)}, {label}, {change}: {r.prompt[:110]}")
     return 0
 
 
