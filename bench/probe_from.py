@@ -76,6 +76,24 @@ class Remembered:
         return self.seen[turn]
 
 
+def cached_probe(rows: Sequence[PromptRow], vectors: Path, settings: Settings) -> Probe:
+    """The shipped probe, cross-validated on the training prompts as `--gate cv` reads them,
+    over `rows`' hidden states from the cache at `vectors` (those missing are read first)."""
+    path = first_layers(
+        builtin_catalog().prepare(tp.MODEL, settings.model_cache_dir, print), tp.LAYERS
+    )
+    model = ProbeModel.load()
+    states = tp.embed(rows, path, vectors, model.poolings)
+    known = dict(zip((model.prompt(r.prompt) for r in rows), states, strict=True))
+    everything = training_prompts()
+    fold_of = [
+        (everything[i].prompt, k)
+        for k, (_, test) in enumerate(train.folds(everything))
+        for i in test
+    ]
+    return cross_validated(Probe(CachedStates(known), model), fold_of)
+
+
 async def _recoverable(gate: SafetyGate, verdict: GateVerdict) -> bool:
     """Whether salon would re-ask this turn if the model refused it."""
     if verdict.blocked or not verdict.recoverable:
@@ -113,20 +131,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--vectors", type=Path, default=Path(".cache/probe_vectors16.npz"))
     args = parser.parse_args(argv)
     settings = Settings()
-    everything = training_prompts()
-    path = first_layers(
-        builtin_catalog().prepare(tp.MODEL, settings.model_cache_dir, print), tp.LAYERS
-    )
-    rows = [r for r in everything if r.source != "salon_written"]
-    model = ProbeModel.load()
-    states = tp.embed(rows, path, args.vectors, model.poolings)
-    known = dict(zip((model.prompt(r.prompt) for r in rows), states, strict=True))
-    fold_of = [
-        (everything[i].prompt, k)
-        for k, (_, test) in enumerate(train.folds(everything))
-        for i in test
-    ]
-    probe = cross_validated(Probe(CachedStates(known), model), fold_of)
+    rows = [r for r in training_prompts() if r.source != "salon_written"]
+    probe = cached_probe(rows, args.vectors, settings)
     cache = settings.data_dir / train.FOLD_CACHE
     classifier = Remembered(train.cross_validated_classifier(default_classifier(), cache=cache))
     policy = Policy.load()

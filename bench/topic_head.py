@@ -22,17 +22,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from probe_from import CachedStates, Remembered
-from salon.backends.layer_slice import first_layers
-from salon.backends.model_files import builtin_catalog
+from probe_from import Remembered, cached_probe
 from salon.chat.safety import SafetyGate
 from salon.domain import ChatMessage
 from salon.safety import train
-from salon.safety import train_probe as tp
 from salon.safety.datasets import PromptRow, read_prompts, resolve_split, training_prompts
 from salon.safety.harm import Assessment, EmbeddedHarmClassifier, default_classifier
 from salon.safety.policy import Policy
-from salon.safety.probe import Probe, ProbeModel, cross_validated
+from salon.safety.probe import Probe
 from salon.settings import Settings
 
 HEADER = (
@@ -96,21 +93,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--vectors", type=Path, default=Path(".cache/probe_vectors16.npz"))
     args = parser.parse_args(argv)
     settings = Settings()
-    everything = training_prompts()
-    rows = [r for r in everything if r.source != "salon_written"]
+    rows = [r for r in training_prompts() if r.source != "salon_written"]
     rows += read_prompts(resolve_split("heldout"))
-    path = first_layers(
-        builtin_catalog().prepare(tp.MODEL, settings.model_cache_dir, print), tp.LAYERS
-    )
-    model = ProbeModel.load()
-    states = tp.embed(rows, path, args.vectors, model.poolings)
-    known = dict(zip((model.prompt(r.prompt) for r in rows), states, strict=True))
-    fold_of = [
-        (everything[i].prompt, k)
-        for k, (_, test) in enumerate(train.folds(everything))
-        for i in test
-    ]
-    probe = cross_validated(Probe(CachedStates(known), model), fold_of)
+    probe = cached_probe(rows, args.vectors, settings)
     cache = settings.data_dir / train.FOLD_CACHE
     policy = Policy.load()
     shipped = default_classifier()
