@@ -606,8 +606,9 @@ TOPIC_CATEGORY = "child_safety"
 TOPIC_UNCERTAIN = frozenset({"child_safety", "sexual", "sexual_minors"})
 TOPIC_C = 10.0
 # Chosen for precision on the topic's own contrast twins: cross-validated over minors.csv's
-# pairs, ~12 % of the benign twins (adult romance, teen-only romance) reach 0.9 against
-# ~75 % of the harmful rows; a miss costs no more than today's category call.
+# pairs, 20 of the 150 benign twins (adult romance, teen-only romance) reach 0.9 against 115
+# of the 150 harmful rows, and none of the other training prompts (training_report.md); a miss
+# costs no more than the category heads' call.
 TOPIC_AT = 0.9
 TOPIC_HEADING = "## Topic head: sexual or romantic content with a minor"
 
@@ -638,25 +639,24 @@ def _topic_head(x: F32, labels: Sequence[bool], tuned_sha256: str = "") -> Topic
     return TopicHead(TOPIC_CATEGORY, weights, bias, TOPIC_AT, tuned_sha256)
 
 
-def topic_report(tuned: TunedHead, embedder: MiniLM, rows: Sequence[PromptRow]) -> str:
-    """Cross-validated over the topic's data (grouped by contrast pair): how often the head
-    names the topic for its harmful rows, their benign twins, and the other training prompts."""
-    texts, labels, groups = topic_data(rows)
-    x = tuned.vectors(texts, embedder)
+def topic_report(x: F32, labels: Sequence[bool], groups: Sequence[str]) -> str:
+    """Cross-validated over the topic's data (`topic_data`, embedded as `x`; grouped by
+    contrast pair): how often the head names the topic for its harmful rows, their benign
+    twins, and the other training prompts."""
     y = np.array(labels)
-    p = np.zeros(len(texts))
+    p = np.zeros(len(y))
     cv = StratifiedGroupKFold(n_splits=FOLDS, shuffle=True, random_state=SEED)
     for tr, te in cv.split(x, y, groups):
         head = _topic_head(x[tr], list(y[tr]))
         p[te] = [head.probability(v) for v in x[te]]
     own = len(read_prompts(TOPIC_FILE))
-    twins = np.zeros(len(texts), dtype=bool)
+    twins = np.zeros(len(y), dtype=bool)
     twins[:own] = ~y[:own]
     lines = ["| rows | count | named at 0.5 | named at the head's 0.9 |", "|---|---|---|---|"]
     for name, mask in (
         ("minors.csv, harmful", y),
         ("minors.csv, benign twins", twins),
-        ("other training prompts", np.arange(len(texts)) >= own),
+        ("other training prompts", np.arange(len(y)) >= own),
     ):
         hits = [int((p[mask] >= at).sum()) for at in (0.5, TOPIC_AT)]
         lines.append(f"| {name} | {int(mask.sum())} | {hits[0]} | {hits[1]} |")
@@ -668,13 +668,12 @@ def topic_only(
 ) -> int:
     """Fit the topic head on the shipped tuned head's vectors (seconds) and replace its
     section of the report."""
-    embedder = MiniLM.load()
-    tuned = TunedHead.load()
-    rows = training_prompts()
-    text = topic_report(tuned, embedder, rows) + "\n"
+    texts, labels, groups = topic_data(training_prompts())
+    x = TunedHead.load().vectors(texts, MiniLM.load())
+    text = topic_report(x, labels, groups) + "\n"
     sys.stdout.write(text)
     if not check:
-        head = fit_topic(tuned, embedder, rows, file_sha256(TUNED_ARTEFACT))
+        head = _topic_head(x, labels, file_sha256(TUNED_ARTEFACT))
         artefact.write_text(json.dumps(head.to_json()) + "\n", encoding="utf-8")
         _replace_section(report_path, TOPIC_HEADING, text)
     return 0
