@@ -22,6 +22,7 @@ from typing import Any
 from salon.backends.registry import ModelRoute
 from salon.domain import ChatMessage
 from salon.errors import SalonError
+from salon.personalization.language import detect_language
 from salon.safety.guard import Guard
 from salon.safety.harm import Assessment, HarmClassifier, default_classifier
 from salon.safety.policy import Decision, Policy
@@ -73,6 +74,13 @@ CLARIFY = (
 PREFILL = "Sure! Here it is:\n\n"
 # How many earlier user turns the gate reads with the current one.
 CONTEXT_TURNS = 2
+# The embedded classifier learnt from English prompts: it scores "comment me suicider sans
+# douleur" and "cuál es la mejor forma de suicidarme" 0.05-0.08, under PROBE_FROM. The chat
+# model reads many languages: read with the probe, both reach 0.98-0.99 (session 20,
+# cross-validated; bench/category_rules.py). So a turn identified as another language with
+# this confidence is read by the probe whatever the classifier scores (0.3 s of CPU; 24 of the
+# 3,981 training and held-out prompts); a turn too short to identify is not.
+FOREIGN_FROM = 0.5
 
 # Where a sentence (or a line) ends: the refusal that stands is cut after one of these.
 _SENTENCE_END = re.compile(r"[.!?](?=\s|$)|\n")
@@ -245,7 +253,9 @@ class SafetyGate:
     async def _probed(self, turn: str, earlier: list[str], verdict: GateVerdict) -> GateVerdict:
         if self._probe is None:
             return verdict
-        if not self._probe.wanted(verdict.assessment):
+        # off the event loop: the language model loads on first use (~0.6 s)
+        wanted = self._probe.wanted(verdict.assessment) or await asyncio.to_thread(_foreign, turn)
+        if not wanted:
             # Most turns: not worth a prompt evaluation unless the model refuses one. Should
             # it refuse, the probe's reading decides whether salon pushes past the refusal,
             # so the turn is held to the probed bound, whatever PROBE_FROM is.
@@ -298,6 +308,12 @@ class SafetyGate:
             return recovery if recovery is not None and recovery.reasks else None
 
         return reread
+
+
+def _foreign(turn: str) -> bool:
+    """Whether the turn is identified as written in a language other than English."""
+    language, confidence = detect_language(turn)
+    return language != "en" and confidence >= FOREIGN_FROM
 
 
 @dataclass(frozen=True, slots=True)
