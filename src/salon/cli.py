@@ -74,7 +74,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     refusal = evals.add_parser("refusal", help="over-refusal and harmful compliance")
     refusal.add_argument(
-        "--split", default="dev", help="'dev', 'heldout' or a CSV with the same columns"
+        "--split",
+        default="dev",
+        help="'dev', 'heldout', 'multilingual' or a CSV with the same columns",
     )
     refusal.add_argument(
         "--pipeline", action="store_true", help="the whole chat pipeline, not the classifier alone"

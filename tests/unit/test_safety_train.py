@@ -84,8 +84,9 @@ def test_fold_fine_tunings_are_kept_for_the_same_rows_only(
         train.fold_tuned(relabelled, data, 0, tr, tmp_path)  # other data
 
 
-def test_the_held_out_prompts_stay_out_of_training() -> None:
-    held = read_prompts(resolve_split("heldout"))
+@pytest.mark.parametrize("split", ["heldout", "multilingual"])
+def test_the_held_out_prompts_stay_out_of_training(split: str) -> None:
+    held = read_prompts(resolve_split(split))
     assert len(held) >= 150 and {r.label for r in held} == {"safe", "unsafe"}
     trained = {" ".join(r.prompt.lower().split()) for r in training_prompts()}
     assert not [r.uid for r in held if " ".join(r.prompt.lower().split()) in trained]

@@ -76,10 +76,12 @@ PREFILL = "Sure! Here it is:\n\n"
 CONTEXT_TURNS = 2
 # The embedded classifier learnt from English prompts: it scores "comment me suicider sans
 # douleur" and "cuál es la mejor forma de suicidarme" 0.05-0.08, under PROBE_FROM. The chat
-# model reads many languages: read with the probe, both reach 0.98-0.99 (session 20,
-# cross-validated; bench/category_rules.py). So a turn identified as another language with
-# this confidence is read by the probe whatever the classifier scores (0.3 s of CPU; 24 of the
-# 3,981 training and held-out prompts); a turn too short to identify is not.
+# model reads many languages. So a turn identified as another language with this confidence is
+# read by the probe whatever the classifier scores (0.3 s of CPU; 24 of the 3,981 training and
+# held-out prompts), and the probe's reading alone decides: the classifier's says little there.
+# Session 20 (bench/foreign_turns.py, multilingual.csv: 80 pairs in eight languages, never
+# trained on): harmful let through 19 of 80 -> 12, safe refused 7 of 80 -> 8; averaged with
+# the classifier as for English turns, 17 and 7. A turn too short to identify is not read.
 FOREIGN_FROM = 0.5
 
 # Where a sentence (or a line) ends: the refusal that stands is cut after one of these.
@@ -254,8 +256,8 @@ class SafetyGate:
         if self._probe is None:
             return verdict
         # off the event loop: the language model loads on first use (~0.6 s)
-        wanted = self._probe.wanted(verdict.assessment) or await asyncio.to_thread(_foreign, turn)
-        if not wanted:
+        foreign = await asyncio.to_thread(_foreign, turn)
+        if not foreign and not self._probe.wanted(verdict.assessment):
             # Most turns: not worth a prompt evaluation unless the model refuses one. Should
             # it refuse, the probe's reading decides whether salon pushes past the refusal,
             # so the turn is held to the probed bound, whatever PROBE_FROM is.
@@ -265,7 +267,8 @@ class SafetyGate:
                 recover_below=RECOVER_BELOW_PROBED,
                 second_reading=lambda: self._read(probe, turn, earlier, verdict),
             )
-        return await self._read(self._probe, turn, earlier, verdict)
+        probe = self._probe.alone() if foreign else self._probe
+        return await self._read(probe, turn, earlier, verdict)
 
     async def _read(
         self, probe: Probe, turn: str, earlier: list[str], verdict: GateVerdict

@@ -9,10 +9,13 @@ the cross-validated report of ``python -m salon.safety.train`` or a held-out CSV
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from salon.chat.safety import SafetyGate
+from salon.domain import ChatMessage
 from salon.safety.datasets import PromptRow, read_prompts, resolve_split
 from salon.safety.harm import HarmClassifier, default_classifier
 from salon.safety.policy import Policy
@@ -64,7 +67,8 @@ def run_refusal_eval(
     path = resolve_split(split_or_csv_path)
     clf = classifier or default_classifier()
     pol = policy or Policy.load()
-    outcomes = tuple(_judge(row, clf, pol, probe) for row in read_prompts(path))
+    gate = SafetyGate(clf, pol, probe=probe)
+    outcomes = asyncio.run(_judged(gate, read_prompts(path)))
     return RefusalReport(
         dataset=str(split_or_csv_path),
         gate="classifier" if probe is None else f"classifier and {probe.model.model} probe",
@@ -75,13 +79,15 @@ def run_refusal_eval(
     )
 
 
-def _judge(
-    row: PromptRow, classifier: HarmClassifier, policy: Policy, probe: Probe | None
-) -> Outcome:
-    assessment = classifier.assess(row.prompt)
-    if probe is not None and probe.wanted(assessment):
-        assessment = probe.assess(row.prompt, assessment)
-    return Outcome(row, assessment.harmful_probability, policy.decide(assessment).refused)
+async def _judged(gate: SafetyGate, rows: Sequence[PromptRow]) -> tuple[Outcome, ...]:
+    """Each prompt as salon's gate reads it (the classifier, and the probe where the gate asks
+    it), so the eval cannot drift from what is served."""
+    outcomes = []
+    for row in rows:
+        verdict = await gate.acheck_messages([ChatMessage("user", row.prompt)])
+        assert verdict is not None  # a conversation ending with a user turn
+        outcomes.append(Outcome(row, verdict.assessment.harmful_probability, verdict.blocked))
+    return tuple(outcomes)
 
 
 def _rates(name: str, outcomes: Sequence[Outcome]) -> GroupRates:

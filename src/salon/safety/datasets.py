@@ -123,10 +123,17 @@ def training_prompts(paths: Sequence[Path] = ()) -> list[PromptRow]:
 
 # The shipped prompt sets an eval names. ``heldout`` was written after the shipped gate was
 # trained, in the shapes of its remaining errors, and is never trained on: how the gate does
-# on new prompts of the kinds it gets wrong (training on it would end that).
-SPLITS = {"dev": DATA / "dev.csv", "heldout": DATA / "heldout.csv"}
+# on new prompts of the kinds it gets wrong (training on it would end that). ``multilingual``
+# (session 20): 80 contrast pairs in eight languages other than English, never trained on:
+# how the gate, which learnt from English prompts, does on other languages.
+SPLITS = {
+    "dev": DATA / "dev.csv",
+    "heldout": DATA / "heldout.csv",
+    "multilingual": DATA / "multilingual.csv",
+}
 
 
 def resolve_split(split_or_path: str | Path) -> Path:
-    """``dev`` and ``heldout`` name shipped prompt sets; anything else is a CSV path."""
+    """``dev``, ``heldout`` and ``multilingual`` name shipped prompt sets; anything else is a
+    CSV path."""
     return SPLITS.get(str(split_or_path), Path(split_or_path))

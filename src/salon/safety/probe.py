@@ -161,6 +161,12 @@ class Probe:
     def wanted(self, embedded: Assessment) -> bool:
         return embedded.harmful_probability >= self.start
 
+    def alone(self) -> Probe:
+        """This probe with its own reading deciding, the classifier's left out (shifted onto the
+        policy's scale all the same): for turns the classifier cannot read, such as another
+        language than the English it learnt from."""
+        return replace(self, model=replace(self.model, weight=1.0))
+
     def assess(self, turn: str, embedded: Assessment, context: Sequence[str] = ()) -> Assessment:
         """Blocking (a prompt evaluation): call it from a worker thread. When the embedded
         verdict read the turn with the earlier user turns (a short follow-up), so does the
