@@ -19,22 +19,18 @@ classifiers and hidden states exist (bench/topic_head.py says how they are made)
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import json
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
-from pathlib import Path
 from typing import Any
 
-from probe_from import Remembered, cached_probe
+from probe_from import Remembered, cross_validated_bench, verdicts, where
 from salon.chat.safety import SafetyGate
-from salon.domain import ChatMessage
 from salon.safety import train
-from salon.safety.datasets import PromptRow, read_prompts, resolve_split, training_prompts
+from salon.safety.datasets import PromptRow
 from salon.safety.harm import Assessment, default_classifier
 from salon.safety.policy import DEFAULT_POLICY, Policy
-from salon.settings import Settings
 
 HEADER = (
     "| policy | dev safe refused | dev harmful through | of them SimpleSafetyTests "
@@ -63,21 +59,6 @@ def sure_only(policy: Policy, sure: float) -> Callable[[Assessment], bool]:
     return refused
 
 
-async def readings(gate: SafetyGate, rows: Sequence[PromptRow]) -> dict[str, Assessment]:
-    out = {}
-    for r in rows:
-        verdict = await gate.acheck_messages([ChatMessage("user", r.prompt)])
-        assert verdict is not None  # a conversation ending with a user turn
-        out[r.uid] = verdict.assessment
-    return out
-
-
-def where(row: PromptRow) -> str:
-    if row.source == "salon_everyday":
-        return "everyday"
-    return "heldout" if row.source == "salon_heldout" else "dev"
-
-
 def line(name: str, rows: Sequence[PromptRow], refused: Mapping[str, bool]) -> str:
     def count(keep: bool, *, harmful: bool, source: str) -> int:
         chosen = [r for r in rows if r.unsafe == harmful and where(r) == source]
@@ -98,17 +79,12 @@ def line(name: str, rows: Sequence[PromptRow], refused: Mapping[str, bool]) -> s
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--vectors", type=Path, default=Path(".cache/probe_vectors16.npz"))
-    args = parser.parse_args(argv)
-    settings = Settings()
-    rows = [r for r in training_prompts() if r.source != "salon_written"]
-    rows += read_prompts(resolve_split("heldout"))
-    probe = cached_probe(rows, args.vectors, settings)
-    cache = settings.data_dir / train.FOLD_CACHE
-    classifier = Remembered(train.cross_validated_classifier(default_classifier(), cache=cache))
+    bench = cross_validated_bench(__doc__, argv, heldout=True)
+    rows = bench.rows
+    folds = train.cross_validated_classifier(default_classifier(), cache=bench.folds)
     shipped = Policy.load()
-    read = asyncio.run(readings(SafetyGate(classifier, shipped, probe=probe), rows))
+    gate = SafetyGate(Remembered(folds), shipped, probe=bench.probe)
+    read = {uid: v.assessment for uid, v in asyncio.run(verdicts(gate, rows)).items()}
     base = json.loads(DEFAULT_POLICY.read_text(encoding="utf-8"))
 
     def plain(policy: Policy) -> Callable[[Assessment], bool]:

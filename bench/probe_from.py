@@ -35,7 +35,7 @@ from salon.chat.safety import GateVerdict, SafetyGate
 from salon.domain import ChatMessage
 from salon.safety import train
 from salon.safety import train_probe as tp
-from salon.safety.datasets import PromptRow, training_prompts
+from salon.safety.datasets import PromptRow, read_prompts, resolve_split, training_prompts
 from salon.safety.harm import Assessment, HarmClassifier, default_classifier
 from salon.safety.policy import Policy
 from salon.safety.probe import Probe, ProbeModel, cross_validated
@@ -94,6 +94,49 @@ def cached_probe(rows: Sequence[PromptRow], vectors: Path, settings: Settings) -
     return cross_validated(Probe(CachedStates(known), model), fold_of)
 
 
+@dataclass(frozen=True, slots=True)
+class CrossValidated:
+    """What the gate benches share: the development split's and everyday prompts (and the
+    held-out set's), the probe over their cached hidden states, and the fold classifiers'
+    cache (`train.cross_validated_classifier` reads it)."""
+
+    rows: list[PromptRow]
+    probe: Probe
+    folds: Path
+
+
+def cross_validated_bench(
+    doc: str | None, argv: Sequence[str] | None, *, heldout: bool
+) -> CrossValidated:
+    """Parse `--vectors` and load what the gate benches run on."""
+    parser = argparse.ArgumentParser(description=doc)
+    parser.add_argument("--vectors", type=Path, default=Path(".cache/probe_vectors16.npz"))
+    args = parser.parse_args(argv)
+    settings = Settings()
+    rows = [r for r in training_prompts() if r.source != "salon_written"]
+    if heldout:
+        rows += read_prompts(resolve_split("heldout"))
+    probe = cached_probe(rows, args.vectors, settings)
+    return CrossValidated(rows, probe, settings.data_dir / train.FOLD_CACHE)
+
+
+async def verdicts(gate: SafetyGate, rows: Sequence[PromptRow]) -> dict[str, GateVerdict]:
+    """Each row's verdict, the row's prompt read as a conversation's first user turn."""
+    out = {}
+    for r in rows:
+        verdict = await gate.acheck_messages([ChatMessage("user", r.prompt)])
+        assert verdict is not None  # a conversation ending with a user turn
+        out[r.uid] = verdict
+    return out
+
+
+def where(row: PromptRow) -> str:
+    """Which set a bench row comes from: dev, everyday or heldout."""
+    if row.source == "salon_everyday":
+        return "everyday"
+    return "heldout" if row.source == "salon_heldout" else "dev"
+
+
 async def _recoverable(gate: SafetyGate, verdict: GateVerdict) -> bool:
     """Whether salon would re-ask this turn if the model refused it."""
     if verdict.blocked or not verdict.recoverable:
@@ -106,20 +149,16 @@ async def _recoverable(gate: SafetyGate, verdict: GateVerdict) -> bool:
 async def row(gate: SafetyGate, rows: Sequence[PromptRow], start: float) -> str:
     everyday = [r for r in rows if r.source == "salon_everyday"]
     dev = [r for r in rows if r.source != "salon_everyday"]
-    verdicts = {}
-    for r in rows:
-        verdict = await gate.acheck_messages([ChatMessage("user", r.prompt)])
-        assert verdict is not None  # a conversation ending with a user turn
-        verdicts[r.uid] = verdict
-    back = {r.uid: await _recoverable(gate, verdicts[r.uid]) for r in dev}
-    asked = sum(verdicts[r.uid].probed for r in everyday)
+    read = await verdicts(gate, rows)
+    back = {r.uid: await _recoverable(gate, read[r.uid]) for r in dev}
+    asked = sum(read[r.uid].probed for r in everyday)
     cells = [
         f"{start:g}",
         f"{asked}/{len(everyday)} ({asked / len(everyday):.0%})",
-        f"{sum(verdicts[r.uid].probed for r in dev)}/{len(dev)}",
-        str(sum(verdicts[r.uid].blocked for r in dev if not r.unsafe)),
-        str(sum(not verdicts[r.uid].blocked for r in dev if r.unsafe)),
-        str(sum(verdicts[r.uid].blocked for r in everyday if not r.unsafe)),
+        f"{sum(read[r.uid].probed for r in dev)}/{len(dev)}",
+        str(sum(read[r.uid].blocked for r in dev if not r.unsafe)),
+        str(sum(not read[r.uid].blocked for r in dev if r.unsafe)),
+        str(sum(read[r.uid].blocked for r in everyday if not r.unsafe)),
         str(sum(back[r.uid] for r in dev if not r.unsafe)),
         str(sum(back[r.uid] for r in dev if r.unsafe)),
     ]
@@ -127,14 +166,11 @@ async def row(gate: SafetyGate, rows: Sequence[PromptRow], start: float) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--vectors", type=Path, default=Path(".cache/probe_vectors16.npz"))
-    args = parser.parse_args(argv)
-    settings = Settings()
-    rows = [r for r in training_prompts() if r.source != "salon_written"]
-    probe = cached_probe(rows, args.vectors, settings)
-    cache = settings.data_dir / train.FOLD_CACHE
-    classifier = Remembered(train.cross_validated_classifier(default_classifier(), cache=cache))
+    bench = cross_validated_bench(__doc__, argv, heldout=False)
+    rows, probe = bench.rows, bench.probe
+    classifier = Remembered(
+        train.cross_validated_classifier(default_classifier(), cache=bench.folds)
+    )
     policy = Policy.load()
     print(HEADER)
     for start in CANDIDATES:

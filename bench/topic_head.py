@@ -16,21 +16,18 @@ safety-folds, ~40 min the first time)."""
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from probe_from import Remembered, cached_probe
+from probe_from import Remembered, cross_validated_bench, verdicts, where
 from salon.chat.safety import SafetyGate
-from salon.domain import ChatMessage
 from salon.safety import train
-from salon.safety.datasets import PromptRow, read_prompts, resolve_split, training_prompts
+from salon.safety.datasets import PromptRow
 from salon.safety.harm import Assessment, EmbeddedHarmClassifier, default_classifier
 from salon.safety.policy import Policy
 from salon.safety.probe import Probe
-from salon.settings import Settings
 
 HEADER = (
     "| gate | dev safe refused | dev harmful through | of them SimpleSafetyTests "
@@ -48,22 +45,17 @@ class TopicProbe(Probe):
         return Probe.wanted(self, embedded) or embedded.topic is not None
 
 
-async def blocked(gate: SafetyGate, rows: Sequence[PromptRow]) -> dict[str, bool]:
-    out = {}
-    for r in rows:
-        verdict = await gate.acheck_messages([ChatMessage("user", r.prompt)])
-        assert verdict is not None  # a conversation ending with a user turn
-        out[r.uid] = verdict.blocked
-    return out
+def blocked(gate: SafetyGate, rows: Sequence[PromptRow]) -> dict[str, bool]:
+    return {uid: v.blocked for uid, v in asyncio.run(verdicts(gate, rows)).items()}
 
 
 def line(name: str, rows: Sequence[PromptRow], refused: dict[str, bool]) -> str:
     def count(keep: bool, *, harmful: bool, source: str) -> int:
-        chosen = [r for r in rows if r.unsafe == harmful and _where(r) == source]
+        chosen = [r for r in rows if r.unsafe == harmful and where(r) == source]
         return sum(refused[r.uid] == keep for r in chosen)
 
     sst = [r for r in rows if r.source == "simplesafetytests"]
-    held_cs = [r for r in rows if _where(r) == "heldout" and r.category == "child_safety"]
+    held_cs = [r for r in rows if where(r) == "heldout" and r.category == "child_safety"]
     cells = [
         name,
         str(count(True, harmful=False, source="dev")),
@@ -77,33 +69,21 @@ def line(name: str, rows: Sequence[PromptRow], refused: dict[str, bool]) -> str:
     return "| " + " | ".join(cells) + " |"
 
 
-def _where(row: PromptRow) -> str:
-    if row.source == "salon_everyday":
-        return "everyday"
-    return "heldout" if row.source == "salon_heldout" else "dev"
-
-
 def gate(full: EmbeddedHarmClassifier, probe: Probe, cache: Path, policy: Policy) -> SafetyGate:
     classifier = Remembered(train.cross_validated_classifier(full, cache=cache))
     return SafetyGate(classifier, policy, probe=probe)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--vectors", type=Path, default=Path(".cache/probe_vectors16.npz"))
-    args = parser.parse_args(argv)
-    settings = Settings()
-    rows = [r for r in training_prompts() if r.source != "salon_written"]
-    rows += read_prompts(resolve_split("heldout"))
-    probe = cached_probe(rows, args.vectors, settings)
-    cache = settings.data_dir / train.FOLD_CACHE
+    bench = cross_validated_bench(__doc__, argv, heldout=True)
+    rows, probe, cache = bench.rows, bench.probe, bench.folds
     policy = Policy.load()
     shipped = default_classifier()
     assert shipped.topic is not None, "no topic head: python -m salon.safety.train --topic"
-    without = asyncio.run(blocked(gate(replace(shipped, topic=None), probe, cache, policy), rows))
-    with_topic = asyncio.run(blocked(gate(shipped, probe, cache, policy), rows))
+    without = blocked(gate(replace(shipped, topic=None), probe, cache, policy), rows)
+    with_topic = blocked(gate(shipped, probe, cache, policy), rows)
     reading = TopicProbe(probe.states, probe.model, probe.by_prompt, probe.name)
-    probed = asyncio.run(blocked(gate(shipped, reading, cache, policy), rows))
+    probed = blocked(gate(shipped, reading, cache, policy), rows)
     print(HEADER)
     print(line("without the topic head", rows, without))
     print(line("**with the topic head**", rows, with_topic))
@@ -113,7 +93,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             if without[r.uid] != after[r.uid]:
                 change = "now refused" if after[r.uid] else "now let through"
                 label = "harmful" if r.unsafe else "safe"
-                print(f"- {name}: {_where(r)}, {label}, {change}: {r.prompt[:110]}")
+                print(f"- {name}: {where(r)}, {label}, {change}: {r.prompt[:110]}")
     return 0
 
 

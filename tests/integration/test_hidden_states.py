@@ -109,6 +109,18 @@ def test_the_trainer_reads_only_prompts_its_cache_lacks(tmp_path: Path) -> None:
         embed(rows, stand_in, cache)  # the fourth prompt needs the model
 
 
+def test_the_cache_keeps_what_it_held_when_other_prompts_are_read(tmp_path: Path) -> None:
+    rows = training_prompts()[:4]
+    cache = tmp_path / "vectors.npz"
+    model = prepare("smollm2-135m-instruct", CACHE)
+    first = embed(rows[:2], model, cache)
+    second = embed(rows[2:], model, cache)  # another bench's prompts
+    stand_in = tmp_path / model.name
+    stand_in.write_bytes(b"not a model")
+    both = embed(rows, stand_in, cache)  # all four kept: no model needed
+    assert np.array_equal(both, np.concatenate([first, second]))
+
+
 def test_each_pooling_has_its_own_cache_beside_the_first(tmp_path: Path) -> None:
     rows = training_prompts()[:2]
     cache = tmp_path / "vectors.npz"

@@ -125,10 +125,16 @@ def _pooled(rows: Sequence[PromptRow], path: Path, cache: Path | None, pooling: 
                     )
         finally:
             states.close()
-    x = np.stack([known[t] for t in texts]).astype(np.float32)
     if cache is not None and missing:
-        np.savez(cache, x=x, texts=np.array(texts), key=np.array(_cache_key(path, pooling)))
-    return x
+        # every state known, not only these rows': benches reading other prompt sets share it
+        kept = sorted(known)
+        np.savez(
+            cache,
+            x=np.stack([known[t] for t in kept]).astype(np.float32),
+            texts=np.array(kept),
+            key=np.array(_cache_key(path, pooling)),
+        )
+    return np.stack([known[t] for t in texts]).astype(np.float32)
 
 
 def _cache_key(path: Path, pooling: str) -> str:
